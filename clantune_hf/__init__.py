@@ -1,0 +1,7 @@
+"""Clan Training for Hugging Face `transformers`: hyperparameter schedules found at the cost of one DDP run."""
+
+from .clan_config import ClanConfig
+from .clan_trainer import ClanTrainer
+
+__all__ = ["ClanConfig", "ClanTrainer"]
+__version__ = "0.1.0"

@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from .genes import DEFAULT_GENES, parse_gene_options
+
+
+@dataclass
+class ClanConfig(TrainingArguments):
+    r"""
+    Configuration for [`ClanTrainer`]: every [`~transformers.TrainingArguments`] field, plus the clan's.
+
+    Launched with `accelerate launch --num_processes N`, the N processes are N clan members. Each round of
+    `round_steps` optimizer steps is cooperative (shared gradients) for a fraction `1 - duty_cycle` of its steps and
+    competitive (own gradients on common data) for the rest; then every member is evaluated and the weakest are
+    replaced by mutated clones of the strongest.
+
+    Parameters:
+        > Parameters that control the round
+
+        round_steps (`int`, *optional*, defaults to `200`):
+            Optimizer steps per round: cooperative steps, then competitive steps, then fitness and selection.
+        duty_cycle (`float`, *optional*, defaults to `0.15`):
+            Fraction of a round's steps that are competitive, in [0, 1]. `0.0` never competes (specialized genes are
+            then never expressed individually); `1.0` never shares gradients (population based training).
+
+        > Parameters that control the genome
+
+        genes (`list[str]` or `dict[str, dict]`, *optional*, defaults to `["learning_rate", "weight_decay"]`):
+            Hyperparameters the clan schedules. Optimizer genes: `learning_rate`, `weight_decay`, `adam_beta1`,
+            `adam_beta2`, `adam_epsilon`, `max_grad_norm`. Specialized genes: `dropout` (every dropout probability
+            of the model), `label_smoothing_factor`. Starting values come from the fields of the same name (and from
+            the model for `dropout`). A dict customizes a gene, e.g.
+            `{"learning_rate": {"low": 1e-5, "high": 1e-2, "scale": "log", "mutation_scale": 0.3}}`; on the
+            command line give names (`--genes learning_rate dropout`) or that dict as JSON.
+
+        > Parameters that control selection
+
+        selection_fraction (`float`, *optional*, defaults to `0.25`):
+            Fraction of the clan replaced each round by clones of the same-sized top fraction (at least one member,
+            at most half of the clan). The best member is never replaced.
+        fitness_eval_samples (`int` or `None`, *optional*, defaults to `None`):
+            Evaluate each member's fitness on the first this many samples of `eval_dataset` instead of all of it.
+
+    Fitness is each member's eval loss on its own model, or `metric_for_best_model` (with `greater_is_better`) from
+    `compute_metrics` when that is set.
+
+    Defaults that differ from [`~transformers.TrainingArguments`]:
+        - `ddp_broadcast_buffers` defaults to `False`: a member's buffers are its own. `True` is refused.
+        - `use_cpu` defaults to `True` when no CUDA device is available, so `accelerate launch --num_processes N`
+          on a CPU-only machine starts an N-member gloo clan rather than N unrelated processes.
+    """
+
+    # Parameters that control the round
+    round_steps: int = field(
+        default=200,
+        metadata={"help": "Optimizer steps per round: cooperative steps, competitive steps, fitness, selection."},
+    )
+    duty_cycle: float = field(
+        default=0.15,
+        metadata={
+            "help": "Fraction of a round's steps that are competitive, in [0, 1]. 0 never competes; 1 never shares "
+            "gradients."
+        },
+    )
+
+    # Parameters that control the genome
+    genes: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Hyperparameters the clan schedules: names (e.g. `--genes learning_rate dropout`) or a JSON dict "
+            "of per-gene options `low`, `high`, `scale`, `mutation_scale`. Defaults to learning_rate and weight_decay."
+        },
+    )
+
+    # Parameters that control selection
+    selection_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "Fraction of the clan replaced each round by clones of the same-sized top fraction (at least "
+            "one member, at most half)."
+        },
+    )
+    fitness_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate fitness on the first this many samples of eval_dataset (default: all of it)."},
+    )
+
+    # Parameters whose TrainingArguments default is changed
+    ddp_broadcast_buffers: bool | None = field(
+        default=False,
+        metadata={"help": "Must stay False: each member keeps its own buffers."},
+    )
+
+    def __post_init__(self):
+        # Decided before the process group is set up by TrainingArguments.__post_init__.
+        if not self.use_cpu and not torch.cuda.is_available():
+            self.use_cpu = True
+        super().__post_init__()
+
+        if self.round_steps < 1:
+            raise ValueError(f"`round_steps` must be >= 1, got {self.round_steps}.")
+        if not 0.0 <= self.duty_cycle <= 1.0:
+            raise ValueError(
+                f"`duty_cycle` must be in [0, 1] (the competitive fraction of a round), got {self.duty_cycle}."
+            )
+        if not 0.0 < self.selection_fraction <= 0.5:
+            raise ValueError(f"`selection_fraction` must be in (0, 0.5], got {self.selection_fraction}.")
+        if self.fitness_eval_samples is not None and self.fitness_eval_samples < 1:
+            raise ValueError(f"`fitness_eval_samples` must be >= 1 or None, got {self.fitness_eval_samples}.")
+        if self.ddp_broadcast_buffers:
+            raise ValueError(
+                "`ddp_broadcast_buffers=True` would overwrite each member's buffers with rank 0's; set it to False."
+            )
+        if self.deepspeed:
+            raise ValueError(
+                "`deepspeed` shards state across ranks as if they were replicas; a clan runs one member per process "
+                "with plain DDP. Remove `deepspeed`."
+            )
+        if self.fsdp:
+            raise ValueError(
+                "`fsdp` shards state across ranks as if they were replicas; a clan runs one member per process with "
+                "plain DDP. Remove `fsdp`."
+            )
+        if self.load_best_model_at_end:
+            raise ValueError(
+                "`load_best_model_at_end` would load a checkpoint of one rank; a clan already ends holding its best "
+                "member on every rank. Set it to False."
+            )
+
+        # From the command line a dict arrives as one JSON string, possibly inside a one-element list.
+        genes = self.genes
+        if isinstance(genes, list) and len(genes) == 1 and genes[0].lstrip().startswith("{"):
+            genes = genes[0]
+        if isinstance(genes, str):
+            genes = json.loads(genes) if genes.lstrip().startswith("{") else genes.split()
+        self.genes = parse_gene_options(DEFAULT_GENES if genes is None else genes)
+        if self.round_steps > self.max_steps > 0:
+            raise ValueError(
+                f"`round_steps` ({self.round_steps}) is larger than `max_steps` ({self.max_steps}): no round would "
+                "finish. Lower round_steps or raise max_steps."
+            )

@@ -1,0 +1,443 @@
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from typing import Any
+
+import datasets
+import torch
+from accelerate.utils import DistributedType, send_to_device
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LabelSmoother, find_batch_size, nested_concat, nested_numpify
+from transformers.trainer_utils import EvalPrediction
+from transformers.utils import logging
+
+from .clan_config import ClanConfig
+from .dropout import mean_dropout, set_dropout
+from .exchange import (
+    GradientGuard,
+    all_gather_floats,
+    broadcast_batches,
+    broadcast_weights,
+    guarded_allreduce_hook,
+    recv_member,
+    send_member,
+)
+from .genes import OPTIMIZER, build_gene
+from .genetics import (
+    Genome,
+    checksum,
+    consensus,
+    copy_genome,
+    genome_values,
+    initial_clan,
+    make_rng,
+    rank_members,
+    reproduce,
+    selection_plan,
+)
+from .history import build_schedule, round_records, write_history, write_schedule
+
+logger = logging.get_logger(__name__)
+
+
+class ClanTrainer(Trainer):
+    """
+    A [`~transformers.Trainer`] whose processes are the members of a clan (see [`ClanConfig`]).
+
+    Each process trains its own member: its own weights, optimizer state and genome of hyperparameters. In the
+    cooperative steps of a round, gradients are all-reduced exactly as DDP does and each member applies the shared
+    gradient with its own optimizer genes; in the competitive steps every member trains on rank 0's batch without
+    gradient sync, with all its genes expressed. At the end of a round every member is evaluated on the whole
+    `eval_dataset` (its fitness), and the weakest are overwritten in memory by mutated clones of the strongest.
+
+    After [`~ClanTrainer.train`], every rank holds the best member's weights, so `save_model`, `evaluate` and
+    `push_to_hub` act on it. `output_dir/clan_history.jsonl` records every member in every round and
+    `output_dir/clan_schedule.json` the gene values along the best member's lineage.
+
+    Args are those of [`~transformers.Trainer`]; `args` may be a plain `TrainingArguments` (promoted to a
+    [`ClanConfig`] with the clan defaults) and `eval_dataset` is required: it is what members compete on.
+    """
+
+    _tag_names = ["clantune_hf", "clan-training"]
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        model_init=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+    ):
+        if args is None:
+            args = ClanConfig()
+        elif not isinstance(args, ClanConfig):
+            dict_args = args.to_dict()
+            dict_args["hub_token"] = args.hub_token  # to_dict hides the token
+            args = ClanConfig(**dict_args)
+        if eval_dataset is None:
+            raise ValueError("`eval_dataset` is required: each member's fitness is its loss (or metric) on it.")
+        if isinstance(eval_dataset, dict):
+            raise ValueError("`eval_dataset` must be one dataset, not a dict: the clan ranks members on one set.")
+        metric = args.metric_for_best_model
+        if metric is not None and metric.removeprefix("eval_") != "loss" and compute_metrics is None:
+            raise ValueError(
+                f"`metric_for_best_model={metric!r}` needs `compute_metrics` to produce it; pass compute_metrics or "
+                "drop metric_for_best_model to rank members by eval loss."
+            )
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        if self.accelerator.num_processes < 2:
+            raise ValueError(
+                "A clan needs one process per member and this run has 1. Launch N members with "
+                "`accelerate launch --num_processes N script.py` (add `--multi_gpu` on a CPU-only machine) or "
+                "`torchrun --nproc_per_node N script.py`."
+            )
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ValueError(
+                f"The accelerate config selects {self.accelerator.distributed_type}, which shards state across ranks "
+                "as if they were replicas; a clan runs one member per process with plain DDP. Use a multi-GPU (DDP) "
+                "config, e.g. accelerate_configs/multi_gpu.yaml."
+            )
+
+        self.member = self.accelerator.process_index
+        self.clan_size = self.accelerator.num_processes
+        self.fitness_metric = None if metric is None or metric.removeprefix("eval_") == "loss" else metric
+        self.greater_is_better = bool(args.greater_is_better) if self.fitness_metric else False
+        self.genomes: list[Genome] = initial_clan(self._base_genome(), self.clan_size, args.seed)
+        self.clan_history: list[dict] = []
+        self.clan_schedule: dict | None = None
+
+        self._user_label_smoother = self.label_smoother
+        self._guard = GradientGuard(self.clan_size)
+        self._guard_registered = False
+        self._expressed: dict[str, float] = {}
+        self._expressed_phase: bool | None = None  # competitive?, or None when genes must be expressed again
+        self._competitive = False
+        self._diverged = False
+        self._schedule_base_lrs: list[float] | None = None
+        self._fitness_loader: DataLoader | None = None
+        self.add_callback(_RoundCallback(self))
+
+    # ---- Genome ----
+
+    def _base_genome(self) -> Genome:
+        """Each gene at the value the user configured (the model's dropout for `dropout`)."""
+        genome = {}
+        for name, options in self.args.genes.items():
+            value = mean_dropout(self.model) if name == "dropout" else float(getattr(self.args, name))
+            genome[name] = build_gene(name, value, options)
+        return genome
+
+    def _is_competitive(self, step: int) -> bool:
+        cooperative_steps = round(self.args.round_steps * (1 - self.args.duty_cycle))
+        return step % self.args.round_steps >= cooperative_steps
+
+    def _express(self, competitive: bool) -> None:
+        """Make this member's model, optimizer and loss follow its genome; specialized genes take the consensus
+        while the clan cooperates."""
+        if self._expressed_phase is competitive:
+            return
+        values = {
+            name: gene.value if competitive or gene.kind == OPTIMIZER else consensus(self.genomes, name)
+            for name, gene in self.genomes[self.member].items()
+        }
+        # Param-group dicts are looked up now: accelerate replaces them when it wraps the optimizer.
+        for group in self.optimizer.param_groups:
+            if "weight_decay" in values and group.get("clan_decay"):
+                group["weight_decay"] = values["weight_decay"]
+            if "adam_beta1" in values or "adam_beta2" in values:
+                if "betas" not in group:
+                    raise ValueError(
+                        f"The adam_beta genes need an optimizer with betas; `optim={self.args.optim}` has none."
+                    )
+                beta1, beta2 = group["betas"]
+                group["betas"] = (values.get("adam_beta1", beta1), values.get("adam_beta2", beta2))
+            if "adam_epsilon" in values:
+                if "eps" not in group:
+                    raise ValueError(
+                        f"The adam_epsilon gene needs an optimizer with eps; `optim={self.args.optim}` has none."
+                    )
+                group["eps"] = values["adam_epsilon"]
+        if "learning_rate" in values:
+            self._scale_schedule(values["learning_rate"] / self.args.learning_rate)
+        if "dropout" in values:
+            set_dropout(self.model, values["dropout"])
+        if "label_smoothing_factor" in values:
+            # Always a LabelSmoother, even at 0, so every member computes its loss the same way.
+            self.label_smoother = LabelSmoother(epsilon=values["label_smoothing_factor"])
+        self._expressed = values
+        self._expressed_phase = competitive
+
+    def _scale_schedule(self, factor: float) -> None:
+        """Scale the user's learning-rate schedule by `factor`, keeping its warmup/decay shape and step counter."""
+        scheduler = self.lr_scheduler
+        if not hasattr(scheduler, "base_lrs"):
+            raise ValueError(
+                f"The learning_rate gene scales the scheduler's base_lrs, which {type(scheduler).__name__} lacks; "
+                "use an lr_scheduler_type such as 'linear', 'cosine' or 'constant'."
+            )
+        for i, group in enumerate(self.optimizer.param_groups):
+            new_base = self._schedule_base_lrs[i] * factor
+            old_base = scheduler.base_lrs[i]
+            # LambdaLR recomputes lr from base_lrs each step; chainable schedulers scale the current lr.
+            group["lr"] = group["lr"] * new_base / old_base if old_base else new_base
+            group["initial_lr"] = scheduler.base_lrs[i] = new_base
+
+    # ---- Trainer hooks ----
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        decay_ids = {id(p) for n, p in opt_model.named_parameters() if n in decay_names}
+        # Tagged in the group itself: the tag survives accelerate's state-dict reload and checkpoints.
+        for group in optimizer.param_groups:
+            group["clan_decay"] = any(id(p) in decay_ids for p in group["params"])
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        # The user's schedule, before any gene (or a resumed checkpoint) scales it.
+        self._schedule_base_lrs = list(getattr(scheduler, "base_lrs", []))
+        return scheduler
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """Called once per optimizer step, before any forward: switch phase, and in competitive steps share data."""
+        self._competitive = self._is_competitive(self.state.global_step)
+        self._express(self._competitive)
+        if not self._competitive:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = broadcast_batches(list(itertools.islice(epoch_iterator, num_batches)), src=0, device=device)
+        # Every rank now holds the same batches, so the token count gathered across ranks is P times the local
+        # one, and compute_loss's multiplication by P leaves each member's own per-token mean.
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        if not self._guard_registered:
+            if not isinstance(model, DistributedDataParallel):
+                raise ValueError(f"ClanTrainer expects a DistributedDataParallel model, got {type(model).__name__}.")
+            model.register_comm_hook(self._guard, guarded_allreduce_hook)
+            self._guard_registered = True
+        if self._competitive:
+            with self.accelerator.no_sync(model):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self._check_gradients()
+        return loss
+
+    def _check_gradients(self) -> None:
+        """After the last backward of a step: a member with a non-finite gradient skips its update and ranks last."""
+        if self._competitive:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        else:
+            finite = self._guard.finish()  # a collective: every rank calls it on every cooperative step
+        if finite:
+            return
+        for param in self.model.parameters():
+            param.grad = None  # the optimizer skips parameters without a gradient: no update, no moment decay
+        if not self._diverged:
+            logger.warning(
+                f"Member {self.member}: non-finite gradient at step {self.state.global_step}; its update is skipped "
+                "and it ranks last at the next selection."
+            )
+        self._diverged = True
+
+    def _clip_grad_norm(self, model: nn.Module):
+        if "max_grad_norm" not in self._expressed:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(model.parameters(), self._expressed["max_grad_norm"])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if self.args.should_save and resume_from_checkpoint in (None, False):
+            write_history(self.args.output_dir, [])
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        self._final_round()
+        return output
+
+    # ---- Rounds ----
+
+    def _round_index(self) -> int:
+        return (self.state.global_step - 1) // self.args.round_steps
+
+    def _end_round(self) -> None:
+        """Fitness, selection, cloning and mutation, at the last step of every round but the final one."""
+        fitness = self._gather_fitness()
+        plan = selection_plan(
+            fitness,
+            self.greater_is_better,
+            self.args.selection_fraction,
+            make_rng(self.args.seed, "select", self._round_index()),
+        )
+        self._record_round(fitness, plan)
+        for dst, src in sorted(plan.items()):
+            # Only the two ranks of a pair take part; every rank walks the same plan in the same order.
+            if self.member == src:
+                send_member(self.model, self.optimizer, dst)
+            elif self.member == dst:
+                recv_member(self.model, self.optimizer, src)
+        self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index())
+        self._expressed_phase = None
+        self._diverged = False
+
+    def _final_round(self) -> None:
+        """The final evaluation: record it, then every rank takes the best member's weights and genes."""
+        fitness = self._gather_fitness()
+        self._record_round(fitness, {})
+        best = rank_members(fitness, self.greater_is_better)[0]
+        broadcast_weights(self.model, src=best)
+        self.genomes = [copy_genome(self.genomes[best]) for _ in range(self.clan_size)]
+        self._expressed_phase = None
+        self._express(competitive=True)
+        self.label_smoother = self._user_label_smoother
+        self.clan_schedule = build_schedule(
+            self.clan_history,
+            self.args.round_steps,
+            self.state.global_step,
+            self.greater_is_better,
+            base={
+                "learning_rate": self.args.learning_rate,
+                "lr_scheduler_type": str(self.args.lr_scheduler_type.value),
+                "warmup_steps": self.args.get_warmup_steps(self.state.max_steps),
+                "genes": {name: gene.value for name, gene in self._base_genome().items()},
+            },
+        )
+        if self.args.should_save:
+            write_schedule(self.args.output_dir, self.clan_schedule)
+
+    def _gather_fitness(self) -> list[float]:
+        own = math.nan if self._diverged else self._member_fitness()
+        return all_gather_floats(own)
+
+    def _record_round(self, fitness: list[float], plan: dict[int, int]) -> None:
+        """Check that every rank agrees, append the round to the history, and log its scalars."""
+        sums = all_gather_floats(float(checksum(self.genomes, plan)))
+        if len(set(sums)) != 1:
+            raise RuntimeError(
+                f"Clan members disagree on the genomes or selection plan (checksum per rank: {sums}); every rank "
+                "must run the same ClanConfig, seed and package versions."
+            )
+        round_index = self._round_index()
+        if self.clan_history and self.clan_history[-1]["round"] >= round_index:
+            round_index = self.clan_history[-1]["round"] + 1
+        self.clan_history.extend(round_records(round_index, self.state.global_step, fitness, self.genomes, plan))
+        if self.args.should_save:
+            write_history(self.args.output_dir, self.clan_history)
+
+        finite = [f for f in fitness if math.isfinite(f)]
+        best = rank_members(fitness, self.greater_is_better)[0]
+        logs = {
+            "clan/fitness_min": min(finite, default=math.nan),
+            "clan/fitness_median": statistics.median(finite) if finite else math.nan,
+            "clan/fitness_max": max(finite, default=math.nan),
+            "clan/best_member": best,
+            "clan/replaced": len(plan),
+        }
+        logs.update({f"clan/best_{name}": value for name, value in genome_values(self.genomes[best]).items()})
+        self.log(logs)
+
+    # ---- Fitness ----
+
+    def _fitness_dataloader(self) -> DataLoader:
+        """The whole eval set (or its first `fitness_eval_samples`), unsharded: every member sees the same data."""
+        if self._fitness_loader is None:
+            dataset, collator = self.eval_dataset, self.data_collator
+            if self.args.fitness_eval_samples is not None:
+                indices = range(min(self.args.fitness_eval_samples, len(dataset)))
+                dataset = (
+                    dataset.select(indices) if isinstance(dataset, datasets.Dataset) else Subset(dataset, indices)
+                )
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="fitness")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="fitness")
+            self._fitness_loader = DataLoader(
+                dataset,
+                batch_size=self.args.eval_batch_size,
+                collate_fn=collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+        return self._fitness_loader
+
+    def _member_fitness(self) -> float:
+        """This member's fitness: its eval loss (mean over samples) or `metric_for_best_model` from compute_metrics."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        # Members compete on the plain loss, not on their own label smoothing.
+        smoother, self.label_smoother = self.label_smoother, None
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        samples = 0
+        predictions = labels = None
+        try:
+            for inputs in self._fitness_dataloader():
+                loss, logits, label_ids = self.prediction_step(
+                    model, inputs, prediction_loss_only=not self.fitness_metric
+                )
+                batch_size = find_batch_size(inputs)
+                samples += batch_size
+                if loss is not None:
+                    total += loss.detach().double() * batch_size
+                if self.fitness_metric:
+                    if self.preprocess_logits_for_metrics is not None:
+                        logits = self.preprocess_logits_for_metrics(logits, label_ids)
+                    logits, label_ids = send_to_device((logits, label_ids), "cpu")
+                    predictions = logits if predictions is None else nested_concat(predictions, logits, -100)
+                    labels = label_ids if labels is None else nested_concat(labels, label_ids, -100)
+        finally:
+            self.label_smoother = smoother
+            model.train(was_training)
+        eval_loss = (total / max(samples, 1)).item()
+        if not self.fitness_metric:
+            return eval_loss
+        metrics = self.compute_metrics(
+            EvalPrediction(predictions=nested_numpify(predictions), label_ids=nested_numpify(labels))
+        )
+        key = self.fitness_metric.removeprefix("eval_")
+        if key not in metrics:
+            raise ValueError(
+                f"`metric_for_best_model={self.fitness_metric!r}` is not among the keys compute_metrics returned "
+                f"({sorted(metrics)}); set it to one of them."
+            )
+        return float(metrics[key])
+
+
+class _RoundCallback(TrainerCallback):
+    """Ends a round after its last optimizer step, before the Trainer logs or saves that step."""
+
+    def __init__(self, trainer: ClanTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.round_steps == 0 and state.global_step < state.max_steps:
+            self.trainer._end_round()

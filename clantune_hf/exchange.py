@@ -1,0 +1,204 @@
+"""Everything the members of a clan send each other, over the default process group.
+
+Rules that keep a clan from hanging: collectives here are called by every rank in the same order; point-to-point
+transfers (`send_member`/`recv_member`) are called only by the two ranks they connect, in the order of the
+selection plan that every rank holds. Tensors travel as one flat buffer per dtype to keep the message count low.
+"""
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def comm_device() -> torch.device:
+    """Where tensors must be to travel: the current CUDA device for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _object_device() -> torch.device | None:
+    return comm_device() if dist.get_backend() == "nccl" else None
+
+
+def all_gather_floats(value: float) -> list[float]:
+    """Every rank's `value`, in rank order, on every rank."""
+    local = torch.tensor([value], dtype=torch.float64, device=comm_device())
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [t.item() for t in gathered]
+
+
+def member_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What makes a member's model its own: trainable parameters and buffers (a frozen base is shared by all)."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return params + list(model.named_buffers())
+
+
+def _flat_groups(shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> dict[torch.dtype, list[int]]:
+    """Indices of `shapes` grouped by dtype, in a dtype order every rank agrees on."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for index, (_, dtype) in enumerate(shapes):
+        groups.setdefault(dtype, []).append(index)
+    return {dtype: groups[dtype] for dtype in sorted(groups, key=str)}
+
+
+def _send_flat(tensors: list[torch.Tensor], dst: int) -> int:
+    device, sent = comm_device(), 0
+    for indices in _flat_groups([(tuple(t.shape), t.dtype) for t in tensors]).values():
+        flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in indices])
+        dist.send(flat, dst)
+        sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def _recv_flat(shapes: list[tuple[tuple[int, ...], torch.dtype]], src: int) -> list[torch.Tensor]:
+    device, out = comm_device(), [None] * len(shapes)
+    for dtype, indices in _flat_groups(shapes).items():
+        sizes = [torch.Size(shapes[i][0]).numel() for i in indices]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        dist.recv(flat, src)
+        for i, chunk in zip(indices, flat.split(sizes), strict=True):
+            out[i] = chunk.view(shapes[i][0])
+    return out
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _optimizer_manifest(optimizer: torch.optim.Optimizer) -> list[tuple[int, str, object]]:
+    """`(param index, key, description)` of every optimizer state entry; tensors are described, not included."""
+    manifest = []
+    for index, param in enumerate(_optimizer_params(optimizer)):
+        for key, value in sorted(optimizer.state.get(param, {}).items()):
+            if torch.is_tensor(value):
+                manifest.append((index, key, ("tensor", tuple(value.shape), value.dtype, value.device.type == "cpu")))
+            else:
+                manifest.append((index, key, ("value", value)))
+    return manifest
+
+
+def send_member(model: nn.Module, optimizer: torch.optim.Optimizer, dst: int) -> int:
+    """Send this member's weights, buffers and optimizer state to rank `dst`. Returns the bytes sent."""
+    manifest = _optimizer_manifest(optimizer)
+    dist.send_object_list([manifest], dst=dst, device=_object_device())
+    params = _optimizer_params(optimizer)
+    state_tensors = [optimizer.state[params[i]][key] for i, key, desc in manifest if desc[0] == "tensor"]
+    return _send_flat([t for _, t in member_tensors(model)] + state_tensors, dst)
+
+
+def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) -> None:
+    """Become an exact copy of rank `src`'s member: weights, buffers and optimizer state, bit for bit."""
+    holder = [None]
+    dist.recv_object_list(holder, src=src, device=_object_device())
+    manifest = holder[0]
+    own = [t for _, t in member_tensors(model)]
+    state_shapes = [(desc[1], desc[2]) for _, _, desc in manifest if desc[0] == "tensor"]
+    received = _recv_flat([(tuple(t.shape), t.dtype) for t in own] + state_shapes, src)
+    with torch.no_grad():
+        for target, value in zip(own, received[: len(own)], strict=True):
+            target.copy_(value)
+    params = _optimizer_params(optimizer)
+    new_state: dict[nn.Parameter, dict] = {}
+    tensors = iter(received[len(own) :])
+    for index, key, desc in manifest:
+        param = params[index]
+        if desc[0] == "tensor":
+            value = next(tensors).to("cpu" if desc[3] else param.device, copy=True)
+        else:
+            value = desc[1]
+        new_state.setdefault(param, {})[key] = value
+    # Entries the source does not have (e.g. it never stepped a parameter) must not survive in the clone.
+    for param in params:
+        optimizer.state.pop(param, None)
+    optimizer.state.update(new_state)
+
+
+def broadcast_weights(model: nn.Module, src: int) -> None:
+    """Every rank takes rank `src`'s trainable weights and buffers (not its optimizer state)."""
+    tensors = [t for _, t in member_tensors(model)]
+    device = comm_device()
+    with torch.no_grad():
+        for indices in _flat_groups([(tuple(t.shape), t.dtype) for t in tensors]).values():
+            flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in indices])
+            dist.broadcast(flat, src)
+            for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices]), strict=True):
+                tensors[i].copy_(chunk.view_as(tensors[i]))
+
+
+def broadcast_batches(batches: list[Mapping], src: int, device: torch.device) -> list[dict]:
+    """Rank `src`'s batches on every rank, so all members train on common data. Shapes may differ across ranks."""
+    is_src = dist.get_rank() == src
+    meta = None
+    if is_src:
+        meta = [
+            {
+                key: ("tensor", tuple(value.shape), value.dtype) if torch.is_tensor(value) else ("value", value)
+                for key, value in batch.items()
+            }
+            for batch in batches
+        ]
+    holder = [meta]
+    dist.broadcast_object_list(holder, src=src, device=_object_device())
+    transport = comm_device()
+    out = []
+    for index, batch_meta in enumerate(holder[0]):
+        batch = {}
+        for key, desc in batch_meta.items():
+            if desc[0] == "value":
+                batch[key] = desc[1]
+                continue
+            if is_src:
+                tensor = batches[index][key].to(transport)
+            else:
+                tensor = torch.empty(desc[1], dtype=desc[2], device=transport)
+            dist.broadcast(tensor, src)
+            batch[key] = tensor.to(device)
+        out.append(batch)
+    return out
+
+
+class GradientGuard:
+    """State of `guarded_allreduce_hook`, which keeps a non-finite gradient out of the clan's shared gradient.
+
+    Register with `ddp_model.register_comm_hook(guard, guarded_allreduce_hook)`. Each bucket is all-reduced like
+    DDP's default hook (divide by the world size, then sum), except that a rank whose bucket holds NaN/inf contributes
+    zeros. `finish()` then tells every rank how many healthy contributions each bucket had (one small all-reduce per
+    step) and rescales the average over the healthy members only.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.flags: list[torch.Tensor] = []
+        self.buckets: list[list[nn.Parameter]] = []
+
+    def finish(self) -> bool:
+        """Call on every rank after a synced backward. Returns whether this rank's own gradient was finite."""
+        flags = torch.stack(self.flags) if self.flags else torch.ones(0, dtype=torch.bool, device=comm_device())
+        counts = flags.to(device=comm_device(), dtype=torch.float32)
+        dist.all_reduce(counts)
+        counts = counts.tolist()
+        locally_finite = bool(flags.all())
+        if min(counts, default=self.world_size) < self.world_size:
+            with torch.no_grad():
+                for count, params in zip(counts, self.buckets, strict=True):
+                    scale = self.world_size / count if count else 0.0
+                    for param in params:
+                        if param.grad is not None:
+                            param.grad.mul_(scale)
+        self.flags, self.buckets = [], []
+        return locally_finite
+
+
+def guarded_allreduce_hook(guard: GradientGuard, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    buffer = bucket.buffer()
+    finite = torch.isfinite(buffer).all()
+    guard.flags.append(finite)
+    guard.buckets.append(bucket.parameters())
+    buffer.masked_fill_(~finite, 0.0)
+    buffer.div_(guard.world_size)
+    work = dist.all_reduce(buffer, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])

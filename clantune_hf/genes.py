@@ -1,0 +1,155 @@
+"""The genes a clan can schedule: what each one is, where its starting value comes from, and its default bounds.
+
+Pure Python: no torch, no process group. `build_genome` turns the user's `genes` field plus the starting values
+into one `Gene` per name; `genetics.py` mutates them and `clan_trainer.py` expresses them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+OPTIMIZER = "optimizer"  # changes how a gradient becomes an update: expressed per member in both phases
+SPECIALIZED = "specialized"  # changes the gradient itself: clan consensus when cooperating, own value when competing
+
+SCALES = ("log", "linear")
+
+
+@dataclass
+class Gene:
+    """One schedulable scalar. `mutation_scale` is a standard deviation in the gene's scale space (log or linear)."""
+
+    name: str
+    value: float
+    low: float
+    high: float
+    scale: str
+    mutation_scale: float
+    kind: str
+
+    def to_space(self, x: float) -> float:
+        return math.log(x) if self.scale == "log" else x
+
+    def from_space(self, y: float) -> float:
+        return math.exp(y) if self.scale == "log" else y
+
+    @property
+    def width(self) -> float:
+        """Width of the bounds in scale space."""
+        return self.to_space(self.high) - self.to_space(self.low)
+
+
+@dataclass(frozen=True)
+class GeneSpec:
+    kind: str
+    scale: str
+    # Valid domain of the hyperparameter itself, as (low, high, low_open, high_open).
+    domain: tuple[float, float, bool, bool]
+    source: str  # where the starting value comes from, for error messages
+
+    def contains(self, x: float) -> bool:
+        low, high, low_open, high_open = self.domain
+        above = x > low if low_open else x >= low
+        below = x < high if high_open else x <= high
+        return above and below and math.isfinite(x)
+
+    def domain_text(self) -> str:
+        low, high, low_open, high_open = self.domain
+        return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+_POSITIVE = (0.0, math.inf, True, True)
+_NON_NEGATIVE = (0.0, math.inf, False, True)
+_PROBABILITY = (0.0, 1.0, False, True)
+
+GENE_SPECS: dict[str, GeneSpec] = {
+    "learning_rate": GeneSpec(OPTIMIZER, "log", _POSITIVE, "learning_rate"),
+    "weight_decay": GeneSpec(OPTIMIZER, "linear", _NON_NEGATIVE, "weight_decay"),
+    "adam_beta1": GeneSpec(OPTIMIZER, "linear", _PROBABILITY, "adam_beta1"),
+    "adam_beta2": GeneSpec(OPTIMIZER, "linear", _PROBABILITY, "adam_beta2"),
+    "adam_epsilon": GeneSpec(OPTIMIZER, "log", _POSITIVE, "adam_epsilon"),
+    "max_grad_norm": GeneSpec(OPTIMIZER, "log", _POSITIVE, "max_grad_norm"),
+    "dropout": GeneSpec(SPECIALIZED, "linear", _PROBABILITY, "the model's dropout probabilities"),
+    "label_smoothing_factor": GeneSpec(SPECIALIZED, "linear", _PROBABILITY, "label_smoothing_factor"),
+}
+DEFAULT_GENES = ["learning_rate", "weight_decay"]
+CUSTOMIZABLE = ("low", "high", "scale", "mutation_scale")
+
+# Initial step size of a log-scale gene: exp(0.3) is a ~35% change per mutation.
+LOG_MUTATION_SCALE = 0.3
+# Initial step size of a linear gene, as a fraction of its bounds.
+LINEAR_MUTATION_FRACTION = 0.1
+
+
+def default_bounds(name: str, value: float) -> tuple[float, float]:
+    """Bounds wide enough to fix a starting value that is off by 10x, narrow enough to stay trainable."""
+    if name in ("learning_rate", "adam_epsilon"):
+        return value / 100, value * 100
+    if name == "max_grad_norm":
+        return value / 10, value * 10
+    if name == "weight_decay":
+        return 0.0, max(0.1, 4 * value)
+    if name == "adam_beta1":
+        return min(value, 0.8), max(value, 0.99)
+    if name == "adam_beta2":
+        return min(value, 0.95), max(value, 0.9999)
+    if name == "dropout":
+        return 0.0, max(0.5, value)
+    if name == "label_smoothing_factor":
+        return 0.0, max(0.3, value)
+    raise KeyError(name)
+
+
+def parse_gene_options(genes: list[str] | dict[str, dict]) -> dict[str, dict]:
+    """Normalize the `genes` field to `{name: options}` and refuse unknown names, keys and bad bounds."""
+    options = {name: {} for name in genes} if isinstance(genes, list) else dict(genes)
+    if not options:
+        raise ValueError("`genes` is empty: name at least one gene, e.g. genes=['learning_rate'].")
+    for name, opts in options.items():
+        if name not in GENE_SPECS:
+            raise ValueError(f"`genes` names unknown gene {name!r}; known genes are {sorted(GENE_SPECS)}.")
+        if not isinstance(opts, dict):
+            raise ValueError(f"`genes[{name!r}]` must be a dict of options {CUSTOMIZABLE}, got {opts!r}.")
+        unknown = set(opts) - set(CUSTOMIZABLE)
+        if unknown:
+            raise ValueError(f"`genes[{name!r}]` has unknown options {sorted(unknown)}; allowed are {CUSTOMIZABLE}.")
+        spec = GENE_SPECS[name]
+        if opts.get("scale", spec.scale) not in SCALES:
+            raise ValueError(f"`genes[{name!r}]['scale']` must be one of {SCALES}, got {opts['scale']!r}.")
+        low, high = opts.get("low"), opts.get("high")
+        for key, bound in (("low", low), ("high", high)):
+            if bound is not None and not spec.contains(float(bound)):
+                raise ValueError(
+                    f"`genes[{name!r}]['{key}']` = {bound} is outside the valid domain {spec.domain_text()} of {name}."
+                )
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"`genes[{name!r}]` has low={low} >= high={high}; set low below high.")
+        if opts.get("scale", spec.scale) == "log" and low is not None and low <= 0:
+            raise ValueError(f"`genes[{name!r}]` is log-scaled, so 'low' must be > 0 (got {low}).")
+        if "mutation_scale" in opts and not opts["mutation_scale"] > 0:
+            raise ValueError(f"`genes[{name!r}]['mutation_scale']` must be > 0, got {opts['mutation_scale']}.")
+    return options
+
+
+def build_gene(name: str, value: float, options: dict) -> Gene:
+    """The gene `name` starting at `value`, with default bounds and step size unless `options` overrides them."""
+    spec = GENE_SPECS[name]
+    if not spec.contains(value):
+        raise ValueError(
+            f"The starting value of gene {name!r} ({spec.source} = {value}) is outside its domain "
+            f"{spec.domain_text()}."
+        )
+    low, high = default_bounds(name, value)
+    low, high = float(options.get("low", low)), float(options.get("high", high))
+    if not low <= value <= high:
+        raise ValueError(
+            f"The starting value of gene {name!r} ({spec.source} = {value}) lies outside its bounds [{low}, {high}]; "
+            f"widen `genes[{name!r}]` or change {spec.source}."
+        )
+    scale = options.get("scale", spec.scale)
+    if scale == "log" and low <= 0:
+        raise ValueError(f"Gene {name!r} is log-scaled but its low bound is {low}; set a positive 'low'.")
+    gene = Gene(name, float(value), low, high, scale, 0.0, spec.kind)
+    default_step = LOG_MUTATION_SCALE if scale == "log" else LINEAR_MUTATION_FRACTION * gene.width
+    gene.mutation_scale = float(options.get("mutation_scale", default_step))
+    return gene

@@ -1,0 +1,103 @@
+"""What the clan records: one JSON line per member per round, and the schedule along the best member's lineage.
+
+A record describes member slot `member` during round `round`: the genes it trained with, the fitness they earned,
+and `parent`, the member whose clone replaced it at that round's selection (null if it survived). The last round's
+fitness is the final evaluation, after which nobody is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .genetics import Genome, genome_values, rank_members
+
+HISTORY_NAME = "clan_history.jsonl"
+SCHEDULE_NAME = "clan_schedule.json"
+
+
+def round_records(
+    round_index: int, global_step: int, fitness: list[float], genomes: list[Genome], plan: dict[int, int]
+) -> list[dict]:
+    return [
+        {
+            "round": round_index,
+            "global_step": global_step,
+            "member": member,
+            "fitness": fitness[member] if math.isfinite(fitness[member]) else None,
+            "genes": genome_values(genome),
+            "mutation_scales": genome_values(genome, scales=True),
+            "parent": plan.get(member),
+        }
+        for member, genome in enumerate(genomes)
+    ]
+
+
+def write_history(output_dir: str, records: list[dict]) -> None:
+    """Rewrite the whole history: it is small, and a rewrite leaves no record of a run that was rolled back."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, HISTORY_NAME), "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_history(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, HISTORY_NAME)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def best_lineage(records: list[dict], greater_is_better: bool) -> list[dict]:
+    """The records of the best final member and its ancestors, one per round, oldest first."""
+    by_round: dict[int, dict[int, dict]] = {}
+    for record in records:
+        by_round.setdefault(record["round"], {})[record["member"]] = record
+    rounds = sorted(by_round)
+    last = by_round[rounds[-1]]
+    fitness = [nan_if_none(last[m]["fitness"]) for m in sorted(last)]
+    member = sorted(last)[rank_members(fitness, greater_is_better)[0]]
+    lineage = []
+    for round_index in reversed(rounds):
+        lineage.append(by_round[round_index][member])
+        if round_index - 1 in by_round:
+            # Whoever replaced slot `member` at the previous selection is its ancestor in that round.
+            parent = by_round[round_index - 1][member]["parent"]
+            member = member if parent is None else parent
+    return lineage[::-1]
+
+
+def nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def build_schedule(records: list[dict], round_steps: int, max_steps: int, greater_is_better: bool, base: dict) -> dict:
+    """The discovered schedule: piecewise-constant gene values along the best lineage, by optimizer step.
+
+    `segments[i]` holds for steps `start_step <= step < end_step`. A learning-rate gene scales the run's own
+    scheduler (`base["lr_scheduler_type"]`), so a replay keeps that shape and uses the gene as its peak value.
+    """
+    lineage = best_lineage(records, greater_is_better)
+    segments = [
+        {
+            "round": record["round"],
+            "start_step": record["round"] * round_steps,
+            "end_step": min((record["round"] + 1) * round_steps, max_steps),
+            "member": record["member"],
+            "genes": record["genes"],
+        }
+        for record in lineage
+    ]
+    return {
+        "best_member": lineage[-1]["member"],
+        "best_fitness": lineage[-1]["fitness"],
+        "round_steps": round_steps,
+        "max_steps": max_steps,
+        "base": base,
+        "segments": segments,
+    }
+
+
+def write_schedule(output_dir: str, schedule: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, SCHEDULE_NAME), "w") as f:
+        json.dump(schedule, f, indent=2)

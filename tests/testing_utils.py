@@ -1,0 +1,108 @@
+"""Tiny models and data built in-process (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB = 32
+SEQ_LEN = 16
+
+
+class PatternDataset(torch.utils.data.Dataset):
+    """Arithmetic sequences modulo VOCAB: learnable in a few dozen steps by a two-layer model."""
+
+    def __init__(self, size: int, seed: int = 0, seq_len: int = SEQ_LEN):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, VOCAB, (size, 1), generator=g)
+        step = torch.randint(1, 4, (size, 1), generator=g)
+        self.data = (start + step * torch.arange(seq_len)) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+class LabelDataset(torch.utils.data.Dataset):
+    """Sequence classification: is the sequence increasing by 1 (label 1) or by 2 (label 0)?"""
+
+    def __init__(self, size: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, VOCAB, (size, 1), generator=g)
+        self.labels = torch.randint(0, 2, (size,), generator=g)
+        step = 2 - self.labels[:, None]
+        self.data = (start + step * torch.arange(SEQ_LEN)) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.data[i], "labels": self.labels[i]}
+
+
+def tiny_gpt2(dropout: float = 0.1) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama(attention_dropout: float = 0.0) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=SEQ_LEN, attention_dropout=attention_dropout,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def tiny_bert_classifier() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=SEQ_LEN, num_labels=2,
+    )  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_clan(function, num_processes: int, *args) -> None:
+    """Run `function(*args)` on `num_processes` CPU ranks, like `accelerate.debug_launcher` but on a free port so
+    several test sessions can run side by side. A failing rank fails the call (the others are terminated)."""
+    import tempfile
+
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with (
+        tempfile.NamedTemporaryFile() as rdv,
+        patch_environment(
+            world_size=num_processes,
+            master_addr="127.0.0.1",
+            master_port=str(free_port()),
+            accelerate_mixed_precision="no",
+            accelerate_debug_rdv_file=rdv.name,
+            accelerate_use_cpu="yes",
+            gloo_socket_ifname="lo",
+            omp_num_threads="1",
+        ),
+    ):
+        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, start_method="fork")
