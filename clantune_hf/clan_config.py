@@ -97,6 +97,17 @@ class ClanConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        # Refused before TrainingArguments.__post_init__ would import DeepSpeed or set up sharding.
+        if self.deepspeed:
+            raise ValueError(
+                "`deepspeed` shards state across ranks as if they were replicas; a clan runs one member per process "
+                "with plain DDP. Remove `deepspeed`."
+            )
+        if self.fsdp:
+            raise ValueError(
+                "`fsdp` shards state across ranks as if they were replicas; a clan runs one member per process with "
+                "plain DDP. Remove `fsdp`."
+            )
         # Decided before the process group is set up by TrainingArguments.__post_init__.
         if not self.use_cpu and not torch.cuda.is_available():
             self.use_cpu = True
@@ -115,16 +126,6 @@ class ClanConfig(TrainingArguments):
         if self.ddp_broadcast_buffers:
             raise ValueError(
                 "`ddp_broadcast_buffers=True` would overwrite each member's buffers with rank 0's; set it to False."
-            )
-        if self.deepspeed:
-            raise ValueError(
-                "`deepspeed` shards state across ranks as if they were replicas; a clan runs one member per process "
-                "with plain DDP. Remove `deepspeed`."
-            )
-        if self.fsdp:
-            raise ValueError(
-                "`fsdp` shards state across ranks as if they were replicas; a clan runs one member per process with "
-                "plain DDP. Remove `fsdp`."
             )
         if self.load_best_model_at_end:
             raise ValueError(

@@ -12,7 +12,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_pt_utils import LabelSmoother, find_batch_size, nested_concat, nested_numpify
+from transformers.trainer_pt_utils import (
+    LabelSmoother,
+    find_batch_size,
+    nested_concat,
+    nested_detach,
+    nested_numpify,
+)
 from transformers.trainer_utils import EvalPrediction
 from transformers.utils import logging
 
@@ -363,6 +369,15 @@ class ClanTrainer(Trainer):
             "clan/replaced": len(plan),
         }
         logs.update({f"clan/best_{name}": value for name, value in genome_values(self.genomes[best]).items()})
+        # Every member's fitness and the genes it earned it with; `cloned_from` appears only in rounds that
+        # replaced the member, so each point on that chart is a clone event. Ids are zero-padded to sort.
+        width = len(str(self.clan_size - 1))
+        for member, genome in enumerate(self.genomes):
+            prefix = f"clan/member_{member:0{width}d}"
+            logs[f"{prefix}/fitness"] = fitness[member]
+            logs.update({f"{prefix}/{name}": value for name, value in genome_values(genome).items()})
+            if member in plan:
+                logs[f"{prefix}/cloned_from"] = plan[member]
         self.log(logs)
 
     # ---- Fitness ----
@@ -390,25 +405,33 @@ class ClanTrainer(Trainer):
         return self._fitness_loader
 
     def _member_fitness(self) -> float:
-        """This member's fitness: its eval loss (mean over samples) or `metric_for_best_model` from compute_metrics."""
+        """This member's fitness: its eval loss (mean over samples) or `metric_for_best_model` from compute_metrics.
+
+        Runs on this rank alone, with no collective: `Trainer.prediction_step` gathers token counts across ranks,
+        so it is not used here.
+        """
         model = self.model
         was_training = model.training
         model.eval()
         # Members compete on the plain loss, not on their own label smoothing.
         smoother, self.label_smoother = self.label_smoother, None
+        ignore_keys = getattr(model.config, "keys_to_ignore_at_inference", []) if hasattr(model, "config") else []
         total = torch.zeros((), dtype=torch.float64, device=self.args.device)
         samples = 0
         predictions = labels = None
         try:
             for inputs in self._fitness_dataloader():
-                loss, logits, label_ids = self.prediction_step(
-                    model, inputs, prediction_loss_only=not self.fitness_metric
-                )
+                inputs = self._prepare_inputs(inputs)
+                label_ids = nested_detach(tuple(inputs.get(name) for name in self.label_names))
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
                 batch_size = find_batch_size(inputs)
                 samples += batch_size
-                if loss is not None:
-                    total += loss.detach().double() * batch_size
+                total += loss.detach().double() * batch_size
                 if self.fitness_metric:
+                    logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"])
+                    logits = logits[0] if len(logits) == 1 else logits
+                    label_ids = label_ids[0] if len(label_ids) == 1 else label_ids
                     if self.preprocess_logits_for_metrics is not None:
                         logits = self.preprocess_logits_for_metrics(logits, label_ids)
                     logits, label_ids = send_to_device((logits, label_ids), "cpu")

@@ -1,0 +1,245 @@
+"""Checks of a clan's round across real CPU ranks. Each `check_*` runs on every rank (see `run_clan`) and asserts.
+
+Each check compares against a reference computed on the spot: the gradient a plain all-reduce gives, the batch
+rank 0 drew, the source member's state before it was cloned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.distributed as dist
+from testing_utils import PatternDataset, tiny_gpt2
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from clantune_hf import ClanConfig, ClanTrainer
+from clantune_hf.dropout import dropout_sites
+from clantune_hf.exchange import member_tensors
+from clantune_hf.genetics import make_rng, mutate
+
+
+def gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def member_state(trainer: ClanTrainer) -> dict[str, torch.Tensor]:
+    """Trainable weights, buffers and optimizer state of this member, as CPU copies."""
+    state = {f"model.{n}": t.detach().cpu().clone() for n, t in member_tensors(trainer.model)}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for param, entries in trainer.optimizer.state.items():
+        for key, value in entries.items():
+            state[f"optim.{names[id(param)]}.{key}"] = value.detach().cpu().clone()
+    return state
+
+
+def make_trainer(output_dir, trainer_cls=ClanTrainer, model=None, **kwargs) -> ClanTrainer:
+    defaults = dict(round_steps=4, duty_cycle=0.25, max_steps=8, learning_rate=3e-3, per_device_train_batch_size=4,
+                    per_device_eval_batch_size=8, report_to="none", disable_tqdm=True, logging_steps=100,
+                    genes=["learning_rate", "weight_decay", "adam_beta2", "max_grad_norm"], seed=1)  # fmt: skip
+    defaults.update(kwargs)
+    args = ClanConfig(output_dir=output_dir, **defaults)
+    return trainer_cls(
+        model=model if model is not None else tiny_gpt2(dropout=0.0),
+        args=args,
+        train_dataset=PatternDataset(256),
+        eval_dataset=PatternDataset(24, seed=1),
+    )
+
+
+class RecordingTrainer(ClanTrainer):
+    """Records, for every micro-step: the phase, a hash of the batch, the dropout in force, and whether the
+    gradient after the step equals the reference (the all-reduced local gradient when cooperating, the local
+    gradient when competing)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = self._prepare_inputs(inputs)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # Reference gradient of this member's own loss on this batch, computed on the unwrapped model with the
+        # same dropout masks (the RNG is rewound before the real step).
+        rng = torch.get_rng_state()
+        self.model.train()
+        loss = self.compute_loss(self.model, dict(inputs), num_items_in_batch=num_items_in_batch)
+        local = torch.autograd.grad(loss, params, allow_unused=True)
+        local = [torch.zeros_like(p) if g is None else g for g, p in zip(local, params, strict=True)]
+        reduced = [g.clone() for g in local]
+        for g in reduced:
+            dist.all_reduce(g)
+            g.div_(self.clan_size)
+        torch.set_rng_state(rng)
+        out = super().training_step(model, inputs, num_items_in_batch)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        self.steps.append(
+            {
+                "step": self.state.global_step,
+                "competitive": self._competitive,
+                "batch": digest([inputs["input_ids"]]),
+                "dropout": sorted({round(getattr(m, n), 12) for m, n in dropout_sites(self.model)}),
+                "equals_reduced": all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, reduced)),
+                "equals_local": all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, local)),
+                "lr": [g["lr"] for g in self.optimizer.param_groups],
+            }
+        )
+        return out
+
+
+def check_cooperative(output_dir):
+    """All-cooperative rounds: the gradient is the all-reduced one; members with other lr genes drift apart."""
+    trainer = make_trainer(output_dir, RecordingTrainer, duty_cycle=0.0, round_steps=6, max_steps=6)
+    trainer.steps = []
+    weights_at_start = digest(p for _, p in member_tensors(trainer.model))
+    assert len(set(gather(weights_at_start))) == 1, "members start from identical weights"
+    lr_genes = gather(trainer.genomes[trainer.member]["learning_rate"].value)
+    assert len(set(lr_genes)) == trainer.clan_size, f"initial lr genes should differ: {lr_genes}"
+
+    original_end_round = trainer._final_round
+    weights = {}
+
+    def record_then_final_round():
+        weights["end"] = digest(p for _, p in member_tensors(trainer.model))
+        original_end_round()
+
+    trainer._final_round = record_then_final_round
+    trainer.train()
+
+    assert all(not s["competitive"] for s in trainer.steps)
+    assert all(s["equals_reduced"] for s in trainer.steps), [s["equals_reduced"] for s in trainer.steps]
+    rank = trainer.member
+    # Each member applies the shared gradient with its own lr: lr in the groups is the gene times the schedule.
+    for s in trainer.steps[1:]:
+        expected = lr_genes[rank] * trainer.lr_scheduler.lr_lambdas[0](s["step"])
+        assert math.isclose(s["lr"][0], expected, rel_tol=1e-9), (s, expected)
+    ends = gather(weights["end"])
+    assert len(set(ends)) == trainer.clan_size, "shared gradients, different lr: the weights must differ"
+
+
+def check_competitive(output_dir):
+    """Cooperative steps share gradients and express the consensus dropout; competitive steps train every member
+    on rank 0's batch, without sync, with its own dropout."""
+    trainer = make_trainer(
+        output_dir, RecordingTrainer, model=tiny_gpt2(dropout=0.1), genes=["learning_rate", "dropout"],
+        round_steps=4, duty_cycle=0.5, max_steps=4,
+    )  # fmt: skip
+    trainer.steps = []
+    trainer.train()
+    genes = [r["genes"]["dropout"] for r in trainer.clan_history if r["round"] == 0]
+    own = genes[trainer.member]
+    mean = sum(genes) / len(genes)
+    assert len(set(genes)) == trainer.clan_size, genes
+
+    coop = [s for s in trainer.steps if not s["competitive"]]
+    comp = [s for s in trainer.steps if s["competitive"]]
+    assert [s["step"] for s in coop] == [0, 1] and [s["step"] for s in comp] == [2, 3]
+    for s in coop:
+        assert s["dropout"] == [round(mean, 12)], (s["dropout"], mean)
+    for s in comp:
+        assert s["dropout"] == [round(own, 12)], (s["dropout"], own)
+        assert s["equals_local"], "competitive gradients are the member's own"
+    batches = gather([s["batch"] for s in trainer.steps])
+    for i in range(len(trainer.steps)):
+        seen = {b[i] for b in batches}
+        if trainer.steps[i]["competitive"]:
+            assert len(seen) == 1, "competitive steps train every member on the same batch"
+        else:
+            assert len(seen) == trainer.clan_size, "cooperative steps use each member's own shard"
+
+
+class CloneRecordingTrainer(ClanTrainer):
+    """Keeps every member's state right before and right after each selection's exchange."""
+
+    def _end_round(self):
+        self.before = member_state(self)
+        self.genomes_before = [dict(g) for g in self.genomes]
+        super()._end_round()
+        self.after = member_state(self)
+        raise _StopAfterRound
+
+
+class _StopAfterRound(Exception):
+    pass
+
+
+def check_clone(output_dir):
+    """A clone's weights, buffers and Adam state equal its source's bit for bit; its genome is the source's,
+    mutated; members not in the plan keep everything."""
+    trainer = make_trainer(output_dir, CloneRecordingTrainer, round_steps=3, max_steps=9, duty_cycle=0.34)
+    try:
+        trainer.train()
+    except _StopAfterRound:
+        pass
+    plan = {r["member"]: r["parent"] for r in trainer.clan_history if r["parent"] is not None}
+    assert plan, "a selection must replace someone"
+    befores, afters = gather(trainer.before), gather(trainer.after)
+    for dst in range(trainer.clan_size):
+        src = plan.get(dst, dst)
+        assert set(afters[dst]) == set(befores[src])
+        for key, value in befores[src].items():
+            assert torch.equal(afters[dst][key], value), f"member {dst} differs from source {src} at {key}"
+            assert afters[dst][key].dtype == value.dtype
+        steps = [k for k in afters[dst] if k.endswith(".step")]
+        assert steps and any(k.endswith(".exp_avg") for k in afters[dst]) and any(
+            k.endswith(".exp_avg_sq") for k in afters[dst]
+        )
+    for dst, src in plan.items():
+        expected = mutate(trainer.genomes_before[src], make_rng(trainer.args.seed, "mutate", 0, dst))
+        assert trainer.genomes[dst] == expected
+        assert trainer.genomes[dst] != trainer.genomes_before[src]
+    assert len(set(gather(repr(trainer.genomes)))) == 1, "every rank holds the same genomes"
+
+
+class NaNFitnessTrainer(ClanTrainer):
+    def _member_fitness(self):
+        return math.nan if self.member == 1 else super()._member_fitness()
+
+
+def check_selection(output_dir):
+    """Every rank computes the same plan; the best is never replaced; a NaN fitness ranks last."""
+    trainer = make_trainer(output_dir, NaNFitnessTrainer, round_steps=2, duty_cycle=0.5, max_steps=8)
+    trainer.train()
+    histories = gather(trainer.clan_history)
+    assert all(h == histories[0] for h in histories), "ranks disagree on the history"
+    rounds = sorted({r["round"] for r in trainer.clan_history})
+    assert rounds == [0, 1, 2, 3]
+    for round_index in rounds[:-1]:
+        records = [r for r in trainer.clan_history if r["round"] == round_index]
+        assert records[1]["fitness"] is None and records[1]["parent"] is not None, "NaN member is replaced"
+        finite = [r for r in records if r["fitness"] is not None]
+        best = min(finite, key=lambda r: r["fitness"])
+        assert best["parent"] is None, "the best member is never replaced"
+        assert all(records[r["parent"]]["fitness"] is not None for r in records if r["parent"] is not None)
+    assert all(r["parent"] is None for r in trainer.clan_history if r["round"] == rounds[-1])
+
+
+def check_final(output_dir):
+    """After train() every rank holds the best member; save_model reloads to the best final fitness."""
+    trainer = make_trainer(output_dir, round_steps=4, duty_cycle=0.25, max_steps=12)
+    trainer.train()
+    final = [r for r in trainer.clan_history if r["round"] == max(r["round"] for r in trainer.clan_history)]
+    best = min(final, key=lambda r: r["fitness"])
+    assert len(set(gather(digest(p for _, p in member_tensors(trainer.model))))) == 1, "ranks differ after train"
+    assert trainer.clan_schedule["best_member"] == best["member"]
+    assert trainer._member_fitness() == best["fitness"], "every rank now holds the best member"
+    trainer.save_model(output_dir)
+    dist.barrier()
+    reloaded = AutoModelForCausalLM.from_pretrained(output_dir)
+    trainer.model = reloaded.to(trainer.args.device)
+    trainer._fitness_loader = None
+    assert math.isclose(trainer._member_fitness(), best["fitness"], rel_tol=1e-6)
+
+
+def check_promotes_training_arguments(output_dir):
+    """A plain TrainingArguments becomes a ClanConfig with the clan defaults."""
+    args = TrainingArguments(output_dir=output_dir, max_steps=400, report_to="none", use_cpu=True)
+    trainer = ClanTrainer(model=tiny_gpt2(), args=args, train_dataset=PatternDataset(8), eval_dataset=PatternDataset(8))
+    assert isinstance(trainer.args, ClanConfig) and trainer.args.round_steps == 200
+    assert trainer.args.max_steps == 400

@@ -1,0 +1,35 @@
+"""The clan round on 2 and 4 real CPU ranks (gloo), checked against references in tests/clan_checks.py."""
+
+import pytest
+from testing_utils import run_clan
+
+import clan_checks
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_cooperative_gradients_are_all_reduced_and_members_diverge(tmp_path, num_processes):
+    run_clan(clan_checks.check_cooperative, num_processes, str(tmp_path))
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_competitive_steps_share_data_not_gradients(tmp_path, num_processes):
+    run_clan(clan_checks.check_competitive, num_processes, str(tmp_path))
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_clone_copies_weights_buffers_and_optimizer_state_bit_for_bit(tmp_path, num_processes):
+    run_clan(clan_checks.check_clone, num_processes, str(tmp_path))
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_selection_agrees_spares_the_best_and_ranks_nan_last(tmp_path, num_processes):
+    run_clan(clan_checks.check_selection, num_processes, str(tmp_path))
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_training_ends_with_the_best_member_on_every_rank(tmp_path, num_processes):
+    run_clan(clan_checks.check_final, num_processes, str(tmp_path))
+
+
+def test_plain_training_arguments_are_promoted(tmp_path):
+    run_clan(clan_checks.check_promotes_training_arguments, 2, str(tmp_path))

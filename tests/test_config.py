@@ -1,0 +1,68 @@
+"""ClanConfig: the two knobs, the genes field, the command line, and what is refused before any compute."""
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from clantune_hf import ClanConfig
+
+
+def config(tmp_path, **kwargs):
+    return ClanConfig(output_dir=str(tmp_path), report_to="none", **kwargs)
+
+
+def test_defaults(tmp_path):
+    args = config(tmp_path)
+    assert (args.round_steps, args.duty_cycle) == (200, 0.15)
+    assert list(args.genes) == ["learning_rate", "weight_decay"]
+    assert args.ddp_broadcast_buffers is False
+    assert isinstance(args, TrainingArguments)
+
+
+def test_the_contract_example(tmp_path):
+    args = config(tmp_path, round_steps=15, duty_cycle=0.2, max_steps=90, learning_rate=3e-4,
+                  genes=["learning_rate", "weight_decay", "adam_beta2", "max_grad_norm"],
+                  per_device_train_batch_size=8)  # fmt: skip
+    assert list(args.genes) == ["learning_rate", "weight_decay", "adam_beta2", "max_grad_norm"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"duty_cycle": -0.1}, "duty_cycle"),
+        ({"duty_cycle": 1.5}, "duty_cycle"),
+        ({"round_steps": 0}, "round_steps"),
+        ({"genes": ["learning_rate", "lr"]}, "genes"),
+        ({"genes": {"learning_rate": {"low": 1e-2, "high": 1e-4}}}, "genes"),
+        ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "deepspeed"),
+        ({"fsdp": "full_shard"}, "fsdp"),
+        ({"ddp_broadcast_buffers": True}, "ddp_broadcast_buffers"),
+        ({"round_steps": 100, "max_steps": 50}, "round_steps"),
+        ({"selection_fraction": 0.9}, "selection_fraction"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=f"`{field}"):
+        config(tmp_path, **kwargs)
+
+
+def test_duty_cycle_bounds_are_inclusive(tmp_path):
+    assert config(tmp_path, duty_cycle=0.0).duty_cycle == 0.0
+    assert config(tmp_path, duty_cycle=1.0).duty_cycle == 1.0
+
+
+def test_command_line_takes_names_and_json(tmp_path):
+    parser = HfArgumentParser(ClanConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--genes", "learning_rate", "dropout", "--round_steps", "7", "--duty_cycle", "0.3"]
+    )
+    assert list(args.genes) == ["learning_rate", "dropout"] and args.round_steps == 7 and args.duty_cycle == 0.3
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--genes", '{"learning_rate": {"low": 1e-5, "high": 1e-2}}']
+    )
+    assert args.genes == {"learning_rate": {"low": 1e-5, "high": 1e-2}}
+
+
+def test_config_round_trips_through_to_dict(tmp_path):
+    args = config(tmp_path, genes={"dropout": {"high": 0.4}}, round_steps=9)
+    again = ClanConfig(**args.to_dict())
+    assert again.genes == args.genes and again.round_steps == 9
