@@ -187,8 +187,10 @@ def check_clone(output_dir):
             assert torch.equal(afters[dst][key], value), f"member {dst} differs from source {src} at {key}"
             assert afters[dst][key].dtype == value.dtype
         steps = [k for k in afters[dst] if k.endswith(".step")]
-        assert steps and any(k.endswith(".exp_avg") for k in afters[dst]) and any(
-            k.endswith(".exp_avg_sq") for k in afters[dst]
+        assert (
+            steps
+            and any(k.endswith(".exp_avg") for k in afters[dst])
+            and any(k.endswith(".exp_avg_sq") for k in afters[dst])
         )
     for dst, src in plan.items():
         expected = mutate(trainer.genomes_before[src], make_rng(trainer.args.seed, "mutate", 0, dst))
@@ -240,6 +242,34 @@ def check_final(output_dir):
 def check_promotes_training_arguments(output_dir):
     """A plain TrainingArguments becomes a ClanConfig with the clan defaults."""
     args = TrainingArguments(output_dir=output_dir, max_steps=400, report_to="none", use_cpu=True)
-    trainer = ClanTrainer(model=tiny_gpt2(), args=args, train_dataset=PatternDataset(8), eval_dataset=PatternDataset(8))
+    trainer = ClanTrainer(
+        model=tiny_gpt2(), args=args, train_dataset=PatternDataset(8), eval_dataset=PatternDataset(8)
+    )
     assert isinstance(trainer.args, ClanConfig) and trainer.args.round_steps == 200
     assert trainer.args.max_steps == 400
+
+
+def check_metric_fitness(output_dir):
+    """With metric_for_best_model and compute_metrics, fitness is that metric and higher ranks first."""
+    import numpy as np
+    from testing_utils import LabelDataset, tiny_bert_classifier
+
+    def accuracy(prediction):
+        return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+    args = ClanConfig(output_dir=output_dir, round_steps=3, duty_cycle=0.34, max_steps=6, learning_rate=1e-3,
+                      per_device_train_batch_size=8, report_to="none", disable_tqdm=True,
+                      metric_for_best_model="accuracy", greater_is_better=True)  # fmt: skip
+    trainer = ClanTrainer(model=tiny_bert_classifier(), args=args, train_dataset=LabelDataset(128),
+                          eval_dataset=LabelDataset(20, seed=1), compute_metrics=accuracy)  # fmt: skip
+    trainer.train()
+    for round_index in (0, 1):
+        records = [r for r in trainer.clan_history if r["round"] == round_index]
+        assert all(r["fitness"] in {k / 20 for k in range(21)} for r in records), "fitness is an accuracy on 20"
+    first = [r for r in trainer.clan_history if r["round"] == 0]
+    best = max(first, key=lambda r: (r["fitness"], -r["member"]))
+    assert best["parent"] is None
+    replaced = [r for r in first if r["parent"] is not None]
+    assert all(r["fitness"] <= first[r["parent"]]["fitness"] for r in replaced), "higher accuracy ranks first"
+    final = [r for r in trainer.clan_history if r["round"] == 1]
+    assert trainer.clan_schedule["best_member"] == max(final, key=lambda r: (r["fitness"], -r["member"]))["member"]

@@ -1,9 +1,8 @@
 """The clan round on 2 and 4 real CPU ranks (gloo), checked against references in tests/clan_checks.py."""
 
+import clan_checks
 import pytest
 from testing_utils import run_clan
-
-import clan_checks
 
 
 @pytest.mark.parametrize("num_processes", [2, 4])
@@ -33,3 +32,7 @@ def test_training_ends_with_the_best_member_on_every_rank(tmp_path, num_processe
 
 def test_plain_training_arguments_are_promoted(tmp_path):
     run_clan(clan_checks.check_promotes_training_arguments, 2, str(tmp_path))
+
+
+def test_fitness_can_be_a_compute_metrics_metric(tmp_path):
+    run_clan(clan_checks.check_metric_fitness, 2, str(tmp_path))
