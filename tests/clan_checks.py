@@ -85,8 +85,12 @@ class RecordingTrainer(ClanTrainer):
                 "competitive": self._competitive,
                 "batch": digest([inputs["input_ids"]]),
                 "dropout": sorted({round(getattr(m, n), 12) for m, n in dropout_sites(self.model)}),
-                "equals_reduced": all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, reduced)),
-                "equals_local": all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, local)),
+                "equals_reduced": all(
+                    torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, reduced, strict=True)
+                ),
+                "equals_local": all(
+                    torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, local, strict=True)
+                ),
                 "lr": [g["lr"] for g in self.optimizer.param_groups],
             }
         )

@@ -53,7 +53,8 @@ def test_duty_cycle_bounds_are_inclusive(tmp_path):
 def test_command_line_takes_names_and_json(tmp_path):
     parser = HfArgumentParser(ClanConfig)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--genes", "learning_rate", "dropout", "--round_steps", "7", "--duty_cycle", "0.3"]
+        ["--output_dir", str(tmp_path), "--genes", "learning_rate", "dropout", "--round_steps", "7",
+         "--duty_cycle", "0.3"]  # fmt: skip
     )
     assert list(args.genes) == ["learning_rate", "dropout"] and args.round_steps == 7 and args.duty_cycle == 0.3
     (args,) = parser.parse_args_into_dataclasses(
