@@ -2,6 +2,7 @@
 
 from .clan_config import ClanConfig
 from .clan_trainer import ClanTrainer
+from .replay import ScheduleReplayCallback
 
-__all__ = ["ClanConfig", "ClanTrainer"]
+__all__ = ["ClanConfig", "ClanTrainer", "ScheduleReplayCallback"]
 __version__ = "0.1.0"

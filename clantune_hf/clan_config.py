@@ -2,11 +2,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from transformers import TrainingArguments
 
-from .genes import DEFAULT_GENES, parse_gene_options
+from .genes import DEFAULT_GENES, build_gene, parse_gene_options
 
 
 @dataclass
@@ -53,6 +57,8 @@ class ClanConfig(TrainingArguments):
         - `ddp_broadcast_buffers` defaults to `False`: a member's buffers are its own. `True` is refused.
         - `use_cpu` defaults to `True` when no CUDA device is available, so `accelerate launch --num_processes N`
           on a CPU-only machine starts an N-member gloo clan rather than N unrelated processes.
+        - `ddp_timeout` (30 min by default) bounds the process group on CPU as well as on GPUs: a member that stops
+          answering fails the clan within that time instead of hanging it.
     """
 
     # Parameters that control the round
@@ -108,11 +114,33 @@ class ClanConfig(TrainingArguments):
                 "`fsdp` shards state across ranks as if they were replicas; a clan runs one member per process with "
                 "plain DDP. Remove `fsdp`."
             )
+        if self.fp16:
+            raise ValueError(
+                "`fp16` loss scaling skips steps on overflow, which a clan cannot tell from a diverging member; use "
+                "`bf16` or full precision."
+            )
         # Decided before the process group is set up by TrainingArguments.__post_init__.
         if not self.use_cpu and not torch.cuda.is_available():
             self.use_cpu = True
+        if isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int) or self.ddp_timeout <= 0:
+            raise ValueError(
+                f"`ddp_timeout` must be a positive number of seconds, got {self.ddp_timeout!r}; it bounds how long "
+                "members wait for each other before the clan fails."
+            )
+        # transformers hands `ddp_timeout` to the process group only on GPUs. Set the CPU group up with it first, so a
+        # member that is stuck or gone fails the clan within that time instead of hanging it.
+        if (self.use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU")) and not dist.is_initialized():
+            PartialState(cpu=True, backend=self.ddp_backend, timeout=timedelta(seconds=self.ddp_timeout))
         super().__post_init__()
 
+        for name, value in (("round_steps", self.round_steps), ("fitness_eval_samples", self.fitness_eval_samples)):
+            optional = name == "fitness_eval_samples" and value is None
+            if not optional and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+        for name in ("duty_cycle", "selection_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"`{name}` must be a number, got {value!r}.")
         if self.round_steps < 1:
             raise ValueError(f"`round_steps` must be >= 1, got {self.round_steps}.")
         if not 0.0 <= self.duty_cycle <= 1.0:
@@ -135,11 +163,21 @@ class ClanConfig(TrainingArguments):
 
         # From the command line a dict arrives as one JSON string, possibly inside a one-element list.
         genes = self.genes
-        if isinstance(genes, list) and len(genes) == 1 and genes[0].lstrip().startswith("{"):
+        if isinstance(genes, list) and len(genes) == 1 and isinstance(genes[0], str) and genes[0].lstrip()[:1] == "{":
             genes = genes[0]
         if isinstance(genes, str):
             genes = json.loads(genes) if genes.lstrip().startswith("{") else genes.split()
         self.genes = parse_gene_options(DEFAULT_GENES if genes is None else genes)
+        # A gene starts from the field of the same name: refuse a value outside its domain or bounds now, not at the
+        # first step. (The dropout gene starts from the model's dropout; ClanTrainer checks it.)
+        for name, options in self.genes.items():
+            if name != "dropout":
+                build_gene(name, float(getattr(self, name)), options)
+        if "learning_rate" in self.genes and self.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy"):
+            raise ValueError(
+                f"`lr_scheduler_type={self.lr_scheduler_type.value!r}` adapts the learning rate itself, leaving the "
+                "learning_rate gene no schedule to scale; use e.g. 'linear', 'cosine' or 'constant', or drop the gene."
+            )
         if self.round_steps > self.max_steps > 0:
             raise ValueError(
                 f"`round_steps` ({self.round_steps}) is larger than `max_steps` ({self.max_steps}): no round would "

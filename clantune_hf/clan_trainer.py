@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import statistics
 from typing import Any
 
 import datasets
 import torch
+import torch.distributed as dist
 from accelerate.utils import DistributedType, send_to_device
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -19,17 +21,29 @@ from transformers.trainer_pt_utils import (
     nested_detach,
     nested_numpify,
 )
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction
 from transformers.utils import logging
 
+from .checkpoint import (
+    gather_weights,
+    is_complete,
+    last_checkpoint,
+    latest_best,
+    load_clan,
+    load_member,
+    save_clan,
+    save_member,
+)
 from .clan_config import ClanConfig
 from .dropout import mean_dropout, set_dropout
 from .exchange import (
     GradientGuard,
+    agree_on_count,
     all_gather_floats,
     broadcast_batches,
     broadcast_weights,
     guarded_allreduce_hook,
+    leave_together_at_exit,
     recv_member,
     send_member,
 )
@@ -97,6 +111,8 @@ class ClanTrainer(Trainer):
             raise ValueError("`eval_dataset` is required: each member's fitness is its loss (or metric) on it.")
         if isinstance(eval_dataset, dict):
             raise ValueError("`eval_dataset` must be one dataset, not a dict: the clan ranks members on one set.")
+        if hasattr(eval_dataset, "__len__") and len(eval_dataset) == 0:
+            raise ValueError("`eval_dataset` is empty: pass at least one sample to rank the members on.")
         metric = args.metric_for_best_model
         if metric is not None and metric.removeprefix("eval_") != "loss" and compute_metrics is None:
             raise ValueError(
@@ -132,6 +148,11 @@ class ClanTrainer(Trainer):
                 "config, e.g. accelerate_configs/multi_gpu.yaml."
             )
 
+        if args.eval_strategy != "no":
+            logger.warning(
+                "`eval_strategy` evaluations during training shard eval_dataset across ranks, so they blend members; "
+                "each member's own evaluation is its per-round fitness (clan/fitness_* in the logs)."
+            )
         self.member = self.accelerator.process_index
         self.clan_size = self.accelerator.num_processes
         self.fitness_metric = None if metric is None or metric.removeprefix("eval_") == "loss" else metric
@@ -149,7 +170,9 @@ class ClanTrainer(Trainer):
         self._diverged = False
         self._schedule_base_lrs: list[float] | None = None
         self._fitness_loader: DataLoader | None = None
+        self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # the best member's, while rank 0 saves
         self.add_callback(_RoundCallback(self))
+        leave_together_at_exit()
 
     # ---- Genome ----
 
@@ -238,11 +261,19 @@ class ClanTrainer(Trainer):
         """Called once per optimizer step, before any forward: switch phase, and in competitive steps share data."""
         self._competitive = self._is_competitive(self.state.global_step)
         self._express(self._competitive)
-        if not self._competitive:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-        batches = broadcast_batches(list(itertools.islice(epoch_iterator, num_batches)), src=0, device=device)
-        # Every rank now holds the same batches, so the token count gathered across ranks is P times the local
-        # one, and compute_loss's multiplication by P leaves each member's own per-token mean.
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if self._competitive:
+            # Every rank now holds the same batches, so the token count gathered across ranks is P times the local
+            # one, and compute_loss's multiplication by P leaves each member's own per-token mean.
+            batches = broadcast_batches(batches, src=0, device=device)
+        else:
+            # A rank that ran short of data (e.g. an unevenly sharded iterable dataset) would leave the others
+            # waiting in DDP's all-reduce: every rank runs only as many micro-batches as the shortest.
+            count = agree_on_count(len(batches))
+            if count < len(batches):
+                dropped = len(batches) - count
+                logger.warning(f"Member {self.member}: another rank ran short of data; {dropped} batch(es) dropped.")
+                batches = batches[:count]
         return batches, self._get_num_items_in_batch(batches, device)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
@@ -284,11 +315,78 @@ class ClanTrainer(Trainer):
         return self.accelerator.clip_grad_norm_(model.parameters(), self._expressed["max_grad_norm"])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint not in (None, False):
+            resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
         if self.args.should_save and resume_from_checkpoint in (None, False):
             write_history(self.args.output_dir, [])
+        if self.fitness_metric:
+            self._check_fitness_metric()
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         self._final_round()
         return output
+
+    # ---- Checkpoints ----
+    # A checkpoint holds every member (each rank writes its own under clan/member-{i}), the clan's genomes and
+    # history, and at its top level the best member as a plain model folder; see checkpoint.py for the layout.
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        optimizer = None if self.args.save_only_model else self.optimizer
+        save_member(checkpoint, self.member, self.model, optimizer, self.lr_scheduler, self._diverged)
+        if self.args.should_save:
+            save_clan(checkpoint, self.genomes, self.clan_history)
+        # Rank 0 writes the top level (Trainer._save) with the best member's weights, received in memory.
+        self._checkpoint_weights = gather_weights(self.model, latest_best(self.clan_history, self.greater_is_better))
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_weights = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, self._checkpoint_weights if state_dict is None else state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Nothing at the top level: each member's optimizer and scheduler are in its own folder (save_member)."""
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        # Every rank's files exist before rank 0 writes trainer_state.json, which marks the checkpoint complete.
+        dist.barrier()
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Restore this rank's own member and the clan's genomes and history.
+
+        Called after the model is wrapped in DDP, whose constructor broadcasts rank 0's weights to every rank: the
+        member's weights must be loaded here, not in `_load_from_checkpoint` (which loads the best member into every
+        rank, and with it the frozen weights every member shares).
+        """
+        if checkpoint is None:
+            return
+        member = load_member(checkpoint, self.member, self.model, self.optimizer, self.lr_scheduler)
+        self._diverged = member["diverged"]
+        self.genomes, self.clan_history = load_clan(checkpoint, self.clan_size, list(self.args.genes))
+        self._expressed_phase = None
+        if self.args.should_save:
+            # Records the killed run wrote after this checkpoint are dropped; the resumed run writes them again.
+            write_history(self.args.output_dir, self.clan_history)
+
+    def _resume_point(self, checkpoint: str | bool) -> str:
+        """The checkpoint to resume (`True`: the newest complete one in output_dir), refused now if it cannot restore
+        this clan."""
+        if checkpoint is True:
+            checkpoint = last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(
+                    f"`resume_from_checkpoint=True` found no complete clan checkpoint in {self.args.output_dir}; "
+                    "pass the path of one, or train without resume_from_checkpoint."
+                )
+        load_clan(checkpoint, self.clan_size, list(self.args.genes))
+        if not is_complete(checkpoint):
+            raise ValueError(
+                f"{checkpoint} is incomplete (no trainer_state.json): the run was killed while writing it. Resume "
+                "from an earlier checkpoint, or pass resume_from_checkpoint=True to pick the newest complete one."
+            )
+        return checkpoint
 
     # ---- Rounds ----
 
@@ -404,7 +502,7 @@ class ClanTrainer(Trainer):
             )
         return self._fitness_loader
 
-    def _member_fitness(self) -> float:
+    def _member_fitness(self, batches: int | None = None) -> float:
         """This member's fitness: its eval loss (mean over samples) or `metric_for_best_model` from compute_metrics.
 
         Runs on this rank alone, with no collective: `Trainer.prediction_step` gathers token counts across ranks,
@@ -420,7 +518,7 @@ class ClanTrainer(Trainer):
         samples = 0
         predictions = labels = None
         try:
-            for inputs in self._fitness_dataloader():
+            for inputs in itertools.islice(self._fitness_dataloader(), batches):
                 inputs = self._prepare_inputs(inputs)
                 label_ids = nested_detach(tuple(inputs.get(name) for name in self.label_names))
                 with torch.no_grad(), self.compute_loss_context_manager():
@@ -454,12 +552,170 @@ class ClanTrainer(Trainer):
             )
         return float(metrics[key])
 
+    def _check_fitness_metric(self) -> None:
+        """Fail before training, not after the first round, if compute_metrics does not produce
+        `metric_for_best_model`: try it on one eval batch."""
+        compute_metrics = self.compute_metrics
+
+        def probe(prediction: EvalPrediction) -> dict:
+            try:
+                return compute_metrics(prediction)
+            except Exception:  # too little data for this metric (e.g. AUC on one class): the first round will tell
+                return {self.fitness_metric.removeprefix("eval_"): math.nan}
+
+        self.compute_metrics = probe
+        try:
+            self._member_fitness(batches=1)
+        finally:
+            self.compute_metrics = compute_metrics
+
+    # ---- Model card ----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        # Checkpoints saved during training have no schedule yet and get no card; the final model does.
+        if self.clan_schedule is not None or not _internal_call:
+            self.create_model_card(output_dir=output_dir)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        """Write `README.md` in `output_dir` (default `args.output_dir`): a model card saying the model is the best
+        member of a clan, with the clan's settings and the discovered schedule as a table. No network access."""
+        if not self.is_world_process_zero():
+            return
+        from huggingface_hub import ModelCard, ModelCardData
+
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        is_peft = hasattr(unwrapped, "peft_config")
+        if finetuned_from is None:
+            name = getattr(getattr(unwrapped, "config", None), "_name_or_path", "")
+            finetuned_from = name if name and not os.path.isdir(name) else None
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [tag for tag in self._tag_names if tag not in tags]
+        card_data = ModelCardData(
+            language=language,
+            license=license,
+            library_name="peft" if is_peft else "transformers",
+            base_model=finetuned_from,
+            datasets=[dataset_tags] if isinstance(dataset_tags, str) else dataset_tags,
+            tags=tags,
+            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+        )
+        body = self._model_card_body(card_data.model_name, finetuned_from, is_peft)
+        os.makedirs(output_dir, exist_ok=True)
+        ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
+
+    def _model_card_body(self, model_name: str, finetuned_from: str | None, is_peft: bool) -> str:
+        import accelerate
+        import transformers
+
+        from . import __version__
+
+        args, schedule = self.args, self.clan_schedule
+        cooperative = round(args.round_steps * (1 - args.duty_cycle))
+        count = min(self.clan_size // 2, max(1, round(args.selection_fraction * self.clan_size)))  # as selection_plan
+        replaced = f"{count} members were replaced by mutated clones of the {count}"
+        if count == 1:
+            replaced = "member was replaced by a mutated clone of one"
+        if self.fitness_metric is None:
+            fitness = "eval loss (lower is better)"
+        else:
+            fitness = f"`{self.fitness_metric}` ({'higher' if self.greater_is_better else 'lower'} is better)"
+        link = f"[{finetuned_from}](https://huggingface.co/{finetuned_from})"
+        if is_peft:
+            origin = "This adapter was trained over a frozen base model"
+            if finetuned_from is not None:
+                origin = f"This adapter was trained over the frozen base model {link}"
+        elif finetuned_from is None:
+            origin = "This model was trained from scratch"
+        else:
+            origin = f"This model was fine-tuned from {link}"
+        lines = [
+            f"# {model_name}",
+            "",
+            f"{origin} with **Clan Training** (`clantune_hf`): a clan of **{self.clan_size} members**,"
+            f" one per process, trained together for {self.state.global_step} optimizer steps. Each round of"
+            f" **{args.round_steps} steps** was cooperative (gradients shared as in DDP, each member applying them"
+            f" with its own hyperparameters) for {cooperative} steps and competitive (members training alone on common"
+            f" data) for {args.round_steps - cooperative} (**duty cycle {args.duty_cycle:g}**); then every member was"
+            f" ranked by its {fitness} and the weakest {replaced} of the strongest."
+            " These weights are the best member's at the end of training.",
+            "",
+            "## Genes",
+            "",
+            "| gene | kind | scale | bounds |",
+            "|---|---|---|---|",
+        ]
+        for name, gene in sorted(self.genomes[0].items()):
+            lines.append(f"| `{name}` | {gene.kind} | {gene.scale} | [{gene.low:.3g}, {gene.high:.3g}] |")
+        lines += ["", "## Discovered schedule", ""]
+        if schedule is None:
+            lines.append("Training has not finished: the schedule is written when it does.")
+        else:
+            fitness_of = {(r["round"], r["member"]): r["fitness"] for r in self.clan_history}
+            names = sorted(schedule["segments"][0]["genes"])
+            lines += [
+                "Gene values along the lineage of the best member, round by round (`member` is the slot that held"
+                f" the lineage in that round). Fitness is {fitness}; the last row ends with the final evaluation."
+                f" The run's `lr_scheduler_type` was `{schedule['base']['lr_scheduler_type']}`: the learning rate"
+                " scales that shape (it is the value at the schedule's peak).",
+                "",
+                "| steps | member | fitness | " + " | ".join(f"`{name}`" for name in names) + " |",
+                "|---|---|---|" + "---|" * len(names),
+            ]
+            for segment in schedule["segments"]:
+                value = fitness_of.get((segment["round"], segment["member"]))
+                cells = [f"{segment['start_step']}–{segment['end_step']}", str(segment["member"])]
+                cells.append("–" if value is None else f"{value:.4g}")
+                cells += [f"{segment['genes'][name]:.3g}" for name in names]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines += [
+                "",
+                "The schedule is in `clan_schedule.json` beside the model; replay it in a plain `Trainer` with:",
+                "",
+                "```python",
+                "from clantune_hf import ScheduleReplayCallback",
+                "",
+                'trainer.add_callback(ScheduleReplayCallback.from_file("clan_schedule.json", trainer))',
+                "```",
+            ]
+        lines += [
+            "",
+            "## Framework versions",
+            "",
+            f"- clantune_hf: {__version__}",
+            f"- Transformers: {transformers.__version__}",
+            f"- PyTorch: {torch.__version__}",
+            f"- Accelerate: {accelerate.__version__}",
+        ]
+        return "\n".join(lines) + "\n"
+
 
 class _RoundCallback(TrainerCallback):
     """Ends a round after its last optimizer step, before the Trainer logs or saves that step."""
 
     def __init__(self, trainer: ClanTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # ClanConfig checks `max_steps`; a run set by epochs knows its length only now.
+        if args.round_steps > state.max_steps:
+            raise ValueError(
+                f"`round_steps` ({args.round_steps}) is larger than the run's {state.max_steps} optimizer steps: no "
+                "round would finish. Lower round_steps or train longer."
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.round_steps == 0 and state.global_step < state.max_steps:

@@ -5,11 +5,16 @@ transfers (`send_member`/`recv_member`) are called only by the two ranks they co
 selection plan that every rank holds. Tensors travel as one flat buffer per dtype to keep the message count low.
 """
 
+import atexit
+import sys
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 def comm_device() -> torch.device:
@@ -23,12 +28,48 @@ def _object_device() -> torch.device | None:
     return comm_device() if dist.get_backend() == "nccl" else None
 
 
+_exit = {"registered": False, "crashed": False}
+
+
+def leave_together_at_exit() -> None:
+    """At interpreter exit, wait for every rank, then leave the process group.
+
+    A rank that exits while another still works (e.g. rank 0 saving the model) closes links the others' gloo
+    threads still watch, and a process can abort ("terminate called without an active exception"). A rank dying
+    of an uncaught exception skips the wait, so the launcher sees its error at once instead of a timeout.
+    """
+    if _exit["registered"]:
+        return
+    _exit["registered"] = True
+    previous_hook = sys.excepthook
+
+    def mark_crash(*exc_info):
+        _exit["crashed"] = True
+        previous_hook(*exc_info)
+
+    def leave():
+        if dist.is_initialized():
+            if not _exit["crashed"]:
+                dist.barrier()
+            dist.destroy_process_group()
+
+    sys.excepthook = mark_crash
+    atexit.register(leave)
+
+
 def all_gather_floats(value: float) -> list[float]:
     """Every rank's `value`, in rank order, on every rank."""
     local = torch.tensor([value], dtype=torch.float64, device=comm_device())
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     return [t.item() for t in gathered]
+
+
+def agree_on_count(count: int) -> int:
+    """The smallest `count` over all ranks."""
+    local = torch.tensor([count], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(local, op=dist.ReduceOp.MIN)
+    return int(local.item())
 
 
 def member_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -166,8 +207,11 @@ class GradientGuard:
 
     Register with `ddp_model.register_comm_hook(guard, guarded_allreduce_hook)`. Each bucket is all-reduced like
     DDP's default hook (divide by the world size, then sum), except that a rank whose bucket holds NaN/inf contributes
-    zeros. `finish()` then tells every rank how many healthy contributions each bucket had (one small all-reduce per
-    step) and rescales the average over the healthy members only.
+    zeros. `finish()` then tells every rank how many contributions each bucket had and which ranks were finite in
+    every bucket (one small all-reduce per step), and rescales the average over those healthy members only.
+
+    A rank whose gradient is non-finite in some buckets only has already contributed its finite ones, which nobody
+    can take back out; then no member may apply that step's gradient, and `finish()` clears it on every rank.
     """
 
     def __init__(self, world_size: int):
@@ -177,18 +221,30 @@ class GradientGuard:
 
     def finish(self) -> bool:
         """Call on every rank after a synced backward. Returns whether this rank's own gradient was finite."""
-        flags = torch.stack(self.flags) if self.flags else torch.ones(0, dtype=torch.bool, device=comm_device())
-        counts = flags.to(device=comm_device(), dtype=torch.float32)
-        dist.all_reduce(counts)
-        counts = counts.tolist()
+        device = comm_device()
+        flags = torch.stack(self.flags).to(device) if self.flags else torch.ones(0, dtype=torch.bool, device=device)
         locally_finite = bool(flags.all())
+        healthy = torch.zeros(self.world_size, dtype=torch.float32, device=device)
+        healthy[dist.get_rank()] = float(locally_finite)
+        stats = torch.cat([flags.to(torch.float32), healthy])
+        dist.all_reduce(stats)
+        counts, healthy_count = stats[: len(flags)].tolist(), stats[len(flags) :].sum().item()
         if min(counts, default=self.world_size) < self.world_size:
+            # Every bucket's contributors include the healthy members; exactly them unless a partly-finite rank
+            # slipped its finite buckets in.
+            clean = all(count == healthy_count for count in counts)
+            if not clean:
+                logger.warning(
+                    "A member's gradient was non-finite in some layers only and its other layers entered the shared "
+                    "gradient: no member applies this step."
+                )
             with torch.no_grad():
                 for count, params in zip(counts, self.buckets, strict=True):
-                    scale = self.world_size / count if count else 0.0
                     for param in params:
-                        if param.grad is not None:
-                            param.grad.mul_(scale)
+                        if not clean or not count:
+                            param.grad = None
+                        elif param.grad is not None:
+                            param.grad.mul_(self.world_size / count)
         self.flags, self.buckets = [], []
         return locally_finite
 

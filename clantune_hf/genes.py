@@ -45,7 +45,7 @@ class GeneSpec:
     scale: str
     # Valid domain of the hyperparameter itself, as (low, high, low_open, high_open).
     domain: tuple[float, float, bool, bool]
-    source: str  # where the starting value comes from, for error messages
+    source: str  # where the starting value comes from, for error messages (a field in backticks)
 
     def contains(self, x: float) -> bool:
         low, high, low_open, high_open = self.domain
@@ -63,14 +63,14 @@ _NON_NEGATIVE = (0.0, math.inf, False, True)
 _PROBABILITY = (0.0, 1.0, False, True)
 
 GENE_SPECS: dict[str, GeneSpec] = {
-    "learning_rate": GeneSpec(OPTIMIZER, "log", _POSITIVE, "learning_rate"),
-    "weight_decay": GeneSpec(OPTIMIZER, "linear", _NON_NEGATIVE, "weight_decay"),
-    "adam_beta1": GeneSpec(OPTIMIZER, "linear", _PROBABILITY, "adam_beta1"),
-    "adam_beta2": GeneSpec(OPTIMIZER, "linear", _PROBABILITY, "adam_beta2"),
-    "adam_epsilon": GeneSpec(OPTIMIZER, "log", _POSITIVE, "adam_epsilon"),
-    "max_grad_norm": GeneSpec(OPTIMIZER, "log", _POSITIVE, "max_grad_norm"),
+    "learning_rate": GeneSpec(OPTIMIZER, "log", _POSITIVE, "`learning_rate`"),
+    "weight_decay": GeneSpec(OPTIMIZER, "linear", _NON_NEGATIVE, "`weight_decay`"),
+    "adam_beta1": GeneSpec(OPTIMIZER, "linear", _PROBABILITY, "`adam_beta1`"),
+    "adam_beta2": GeneSpec(OPTIMIZER, "linear", _PROBABILITY, "`adam_beta2`"),
+    "adam_epsilon": GeneSpec(OPTIMIZER, "log", _POSITIVE, "`adam_epsilon`"),
+    "max_grad_norm": GeneSpec(OPTIMIZER, "log", _POSITIVE, "`max_grad_norm`"),
     "dropout": GeneSpec(SPECIALIZED, "linear", _PROBABILITY, "the model's dropout probabilities"),
-    "label_smoothing_factor": GeneSpec(SPECIALIZED, "linear", _PROBABILITY, "label_smoothing_factor"),
+    "label_smoothing_factor": GeneSpec(SPECIALIZED, "linear", _PROBABILITY, "`label_smoothing_factor`"),
 }
 DEFAULT_GENES = ["learning_rate", "weight_decay"]
 CUSTOMIZABLE = ("low", "high", "scale", "mutation_scale")
@@ -102,7 +102,17 @@ def default_bounds(name: str, value: float) -> tuple[float, float]:
 
 def parse_gene_options(genes: list[str] | dict[str, dict]) -> dict[str, dict]:
     """Normalize the `genes` field to `{name: options}` and refuse unknown names, keys and bad bounds."""
-    options = {name: {} for name in genes} if isinstance(genes, list) else dict(genes)
+    if isinstance(genes, (list, tuple)):
+        if not all(isinstance(name, str) for name in genes):
+            raise ValueError(f"`genes` must list gene names as strings, got {list(genes)!r}.")
+        repeated = sorted({name for name in genes if genes.count(name) > 1})
+        if repeated:
+            raise ValueError(f"`genes` names {repeated} more than once; name each gene once.")
+        options = {name: {} for name in genes}
+    elif isinstance(genes, dict):
+        options = dict(genes)
+    else:
+        raise ValueError(f"`genes` must be a list of gene names or a dict of per-gene options, got {genes!r}.")
     if not options:
         raise ValueError("`genes` is empty: name at least one gene, e.g. genes=['learning_rate'].")
     for name, opts in options.items():
@@ -113,6 +123,14 @@ def parse_gene_options(genes: list[str] | dict[str, dict]) -> dict[str, dict]:
         unknown = set(opts) - set(CUSTOMIZABLE)
         if unknown:
             raise ValueError(f"`genes[{name!r}]` has unknown options {sorted(unknown)}; allowed are {CUSTOMIZABLE}.")
+        opts = options[name] = dict(opts)
+        for key in ("low", "high", "mutation_scale"):
+            if key in opts:
+                # Numbers may arrive as strings from YAML or JSON configs ("1e-5").
+                try:
+                    opts[key] = float(opts[key])
+                except (TypeError, ValueError):
+                    raise ValueError(f"`genes[{name!r}]['{key}']` must be a number, got {opts[key]!r}.") from None
         spec = GENE_SPECS[name]
         if opts.get("scale", spec.scale) not in SCALES:
             raise ValueError(f"`genes[{name!r}]['scale']` must be one of {SCALES}, got {opts['scale']!r}.")
@@ -120,14 +138,17 @@ def parse_gene_options(genes: list[str] | dict[str, dict]) -> dict[str, dict]:
         for key, bound in (("low", low), ("high", high)):
             if bound is not None and not spec.contains(float(bound)):
                 raise ValueError(
-                    f"`genes[{name!r}]['{key}']` = {bound} is outside the valid domain {spec.domain_text()} of {name}."
+                    f"`genes[{name!r}]['{key}']` = {bound} is outside the valid domain {spec.domain_text()} of "
+                    f"{name}; choose a bound inside it."
                 )
         if low is not None and high is not None and low >= high:
             raise ValueError(f"`genes[{name!r}]` has low={low} >= high={high}; set low below high.")
         if opts.get("scale", spec.scale) == "log" and low is not None and low <= 0:
             raise ValueError(f"`genes[{name!r}]` is log-scaled, so 'low' must be > 0 (got {low}).")
-        if "mutation_scale" in opts and not opts["mutation_scale"] > 0:
-            raise ValueError(f"`genes[{name!r}]['mutation_scale']` must be > 0, got {opts['mutation_scale']}.")
+        if "mutation_scale" in opts and not 0 < opts["mutation_scale"] < math.inf:
+            raise ValueError(
+                f"`genes[{name!r}]['mutation_scale']` must be > 0 and finite, got {opts['mutation_scale']}."
+            )
     return options
 
 
@@ -137,7 +158,7 @@ def build_gene(name: str, value: float, options: dict) -> Gene:
     if not spec.contains(value):
         raise ValueError(
             f"The starting value of gene {name!r} ({spec.source} = {value}) is outside its domain "
-            f"{spec.domain_text()}."
+            f"{spec.domain_text()}; set {spec.source} inside it."
         )
     low, high = default_bounds(name, value)
     low, high = float(options.get("low", low)), float(options.get("high", high))

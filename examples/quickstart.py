@@ -83,6 +83,9 @@ def main():
     trainer = ClanTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals)
     trainer.train()
     trainer.save_model(args.output_dir)
+    # Leave the process group together: a rank exiting while another still saves can abort it.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
     if trainer.is_world_process_zero():
         schedule = trainer.clan_schedule

@@ -277,3 +277,27 @@ def check_metric_fitness(output_dir):
     assert all(r["fitness"] <= first[r["parent"]]["fitness"] for r in replaced), "higher accuracy ranks first"
     final = [r for r in trainer.clan_history if r["round"] == 1]
     assert trainer.clan_schedule["best_member"] == max(final, key=lambda r: (r["fitness"], -r["member"]))["member"]
+
+
+class ShortDataTrainer(ClanTrainer):
+    """Rank 1 runs out of data at step 4 of a 6-step epoch; the others still have batches."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.member == 1 and self.state.global_step >= 4:
+            epoch_iterator = iter([])
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+
+def check_short_data(output_dir):
+    """A rank short of data makes every rank stop where it stopped, instead of one rank's backward waiting for a
+    rank that already moved on to the final evaluation."""
+    clan_size = dist.get_world_size()
+    args = ClanConfig(output_dir=output_dir, round_steps=3, duty_cycle=0.0, num_train_epochs=1,
+                      per_device_train_batch_size=4, report_to="none", disable_tqdm=True, seed=1)  # fmt: skip
+    train = PatternDataset(6 * 4 * clan_size)  # six steps per epoch
+    trainer = ShortDataTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=train,
+                               eval_dataset=PatternDataset(8, seed=1))  # fmt: skip
+    trainer.train()
+    assert gather(trainer.state.global_step) == [4] * clan_size
+    assert len(set(gather(digest(p for _, p in member_tensors(trainer.model))))) == 1
+    assert [r["round"] for r in trainer.clan_history] == [0] * clan_size + [1] * clan_size

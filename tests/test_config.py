@@ -38,6 +38,7 @@ def test_the_contract_example(tmp_path):
         ({"ddp_broadcast_buffers": True}, "ddp_broadcast_buffers"),
         ({"round_steps": 100, "max_steps": 50}, "round_steps"),
         ({"selection_fraction": 0.9}, "selection_fraction"),
+        ({"fp16": True}, "fp16"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(tmp_path, kwargs, field):
@@ -52,10 +53,8 @@ def test_duty_cycle_bounds_are_inclusive(tmp_path):
 
 def test_command_line_takes_names_and_json(tmp_path):
     parser = HfArgumentParser(ClanConfig)
-    (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--genes", "learning_rate", "dropout", "--round_steps", "7",
-         "--duty_cycle", "0.3"]  # fmt: skip
-    )
+    argv = f"--output_dir {tmp_path} --genes learning_rate dropout --round_steps 7 --duty_cycle 0.3".split()
+    (args,) = parser.parse_args_into_dataclasses(argv)
     assert list(args.genes) == ["learning_rate", "dropout"] and args.round_steps == 7 and args.duty_cycle == 0.3
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--genes", '{"learning_rate": {"low": 1e-5, "high": 1e-2}}']

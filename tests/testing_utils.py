@@ -84,10 +84,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_clan(function, num_processes: int, *args) -> None:
+def run_clan(function, num_processes: int, *args, timeout: float = 300) -> None:
     """Run `function(*args)` on `num_processes` CPU ranks, like `accelerate.debug_launcher` but on a free port so
-    several test sessions can run side by side. A failing rank fails the call (the others are terminated)."""
+    several test sessions can run side by side. A failing rank fails the call (the others are terminated); a clan
+    still running after `timeout` seconds is killed and fails the call, so a hang fails a test instead of CI."""
     import tempfile
+    import time
 
     from accelerate.utils import PrepareForLaunch, patch_environment
     from torch.multiprocessing import start_processes
@@ -105,4 +107,12 @@ def run_clan(function, num_processes: int, *args) -> None:
             omp_num_threads="1",
         ),
     ):
-        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, start_method="fork")
+        context = start_processes(
+            PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, join=False, start_method="fork"
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"the clan of {num_processes} did not finish within {timeout} s (hung?)")

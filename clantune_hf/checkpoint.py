@@ -1,0 +1,175 @@
+"""Checkpoints of a whole clan, so a killed run resumes exactly where it stopped.
+
+The Trainer saves one model and rank 0's optimizer; a clan has one of each per member. A clan checkpoint is:
+
+    checkpoint-N/
+        model.safetensors, config.json, ...      the best member by the latest fitness: `from_pretrained` loads it
+        trainer_state.json                       written last, after every member's files: marks the checkpoint whole
+        rng_state_{rank}.pth                     each rank's RNG (the Trainer's own files)
+        clan/clan.json                           every member's genome (bounds, values, mutation scales), the history
+        clan/member-{i}/model.safetensors        member i's trainable weights and buffers
+        clan/member-{i}/optimizer.pt             its optimizer state  } torch.save of plain tensors and numbers:
+        clan/member-{i}/scheduler.pt             its scheduler state  } they load with `weights_only=True`
+        clan/member-{i}/member.json              whether it diverged earlier in the current round
+
+Nothing here executes code on load: safetensors, JSON, and `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .exchange import _recv_flat, _send_flat, member_tensors
+from .genes import Gene
+from .genetics import Genome, rank_members
+from .history import nan_if_none
+
+CLAN_DIR = "clan"
+CLAN_NAME = "clan.json"
+MEMBER_WEIGHTS = "model.safetensors"
+MEMBER_OPTIMIZER = "optimizer.pt"
+MEMBER_SCHEDULER = "scheduler.pt"
+MEMBER_STATE = "member.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+def member_dir(checkpoint: str, member: int) -> str:
+    return os.path.join(checkpoint, CLAN_DIR, f"member-{member}")
+
+
+def save_member(
+    checkpoint: str,
+    member: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler,
+    diverged: bool,
+) -> None:
+    """Write this member's own state; every rank calls it for its own member. `optimizer=None` saves weights only."""
+    folder = member_dir(checkpoint, member)
+    os.makedirs(folder, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in member_tensors(model)}
+    safetensors.torch.save_file(tensors, os.path.join(folder, MEMBER_WEIGHTS), metadata={"format": "pt"})
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), os.path.join(folder, MEMBER_OPTIMIZER))
+        torch.save(scheduler.state_dict(), os.path.join(folder, MEMBER_SCHEDULER))
+    with open(os.path.join(folder, MEMBER_STATE), "w") as f:
+        json.dump({"member": member, "diverged": diverged}, f)
+
+
+def load_member(checkpoint: str, member: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Make this rank's member the one saved in `checkpoint`: weights, buffers, optimizer and scheduler state.
+    Returns the contents of its member.json."""
+    folder = member_dir(checkpoint, member)
+    for name in (MEMBER_WEIGHTS, MEMBER_OPTIMIZER, MEMBER_SCHEDULER, MEMBER_STATE):
+        if not os.path.isfile(os.path.join(folder, name)):
+            hint = (
+                " It was saved with `save_only_model=True`, which keeps no optimizer state: load its weights with "
+                "from_pretrained instead of resuming."
+                if name != MEMBER_WEIGHTS and os.path.isfile(os.path.join(folder, MEMBER_WEIGHTS))
+                else ""
+            )
+            raise ValueError(f"Cannot resume member {member}: {os.path.join(folder, name)} is missing.{hint}")
+    saved = safetensors.torch.load_file(os.path.join(folder, MEMBER_WEIGHTS), device="cpu")
+    own = dict(member_tensors(model))
+    if set(saved) != set(own):
+        raise ValueError(
+            f"{folder} holds other tensors than this model (missing: {sorted(set(own) - set(saved))[:5]}, "
+            f"unexpected: {sorted(set(saved) - set(own))[:5]}); resume with the model the clan was trained with."
+        )
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(saved[name])
+    optimizer_state = torch.load(os.path.join(folder, MEMBER_OPTIMIZER), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(torch.load(os.path.join(folder, MEMBER_SCHEDULER), weights_only=True))
+    with open(os.path.join(folder, MEMBER_STATE)) as f:
+        return json.load(f)
+
+
+def save_clan(checkpoint: str, genomes: list[Genome], history: list[dict]) -> None:
+    """Write the state every rank shares: genomes and history (one writer is enough)."""
+    os.makedirs(os.path.join(checkpoint, CLAN_DIR), exist_ok=True)
+    state = {
+        "clan_size": len(genomes),
+        "genomes": [[dataclasses.asdict(genome[name]) for name in sorted(genome)] for genome in genomes],
+        "history": history,
+    }
+    with open(os.path.join(checkpoint, CLAN_DIR, CLAN_NAME), "w") as f:
+        json.dump(state, f)
+
+
+def load_clan(checkpoint: str, clan_size: int, genes: list[str]) -> tuple[list[Genome], list[dict]]:
+    """The genomes and history saved in `checkpoint`, checked against the clan that resumes them."""
+    path = os.path.join(checkpoint, CLAN_DIR, CLAN_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{checkpoint} is not a clan checkpoint ({path} is missing); resume from one a ClanTrainer saved."
+        )
+    with open(path) as f:
+        state = json.load(f)
+    if state["clan_size"] != clan_size:
+        raise ValueError(
+            f"{checkpoint} holds a clan of {state['clan_size']} members but this run has {clan_size} processes; "
+            f"resume with `--num_processes {state['clan_size']}`."
+        )
+    genomes = [{gene["name"]: Gene(**gene) for gene in genome} for genome in state["genomes"]]
+    if sorted(genomes[0]) != sorted(genes):
+        raise ValueError(
+            f"{checkpoint} schedules the genes {sorted(genomes[0])} but `genes` names {sorted(genes)}; resume with "
+            "the genes the clan was trained with."
+        )
+    return genomes, state["history"]
+
+
+def latest_best(history: list[dict], greater_is_better: bool) -> int:
+    """The best member by the latest recorded fitness (member 0, which holds the configured genes, before any)."""
+    if not history:
+        return 0
+    last = [r for r in history if r["round"] == history[-1]["round"]]
+    fitness = [nan_if_none(r["fitness"]) for r in sorted(last, key=lambda r: r["member"])]
+    return rank_members(fitness, greater_is_better)[0]
+
+
+def gather_weights(model: nn.Module, src: int) -> dict[str, torch.Tensor] | None:
+    """Rank `src`'s full state dict, on rank 0 only (None elsewhere, and when `src` is 0: use the model itself).
+
+    Called by every rank; only `src` and 0 exchange tensors. Parameters that are not trainable are the same in every
+    member, so rank 0 takes its own. Tied weights stay tied: they are one tensor in `member_tensors`.
+    """
+    if src == 0 or dist.get_rank() not in (0, src):
+        return None
+    tensors = [t for _, t in member_tensors(model)]
+    if dist.get_rank() == src:
+        _send_flat(tensors, 0)
+        return None
+    received = _recv_flat([(tuple(t.shape), t.dtype) for t in tensors], src)
+    by_storage = {t.data_ptr(): r.to(t.device, copy=True) for t, r in zip(tensors, received, strict=True)}
+    return {name: by_storage.get(t.data_ptr(), t) for name, t in model.state_dict().items()}
+
+
+def is_complete(checkpoint: str) -> bool:
+    """A clan checkpoint that every rank finished writing (rank 0 writes trainer_state.json last)."""
+    return os.path.isfile(os.path.join(checkpoint, TRAINER_STATE)) and os.path.isfile(
+        os.path.join(checkpoint, CLAN_DIR, CLAN_NAME)
+    )
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest complete clan checkpoint in `output_dir`: one a kill interrupted while it was written is skipped."""
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+        if (m := pattern.match(name)) and is_complete(os.path.join(output_dir, name))
+    )
+    return os.path.join(output_dir, steps[-1][1]) if steps else None
