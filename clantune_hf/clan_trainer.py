@@ -171,7 +171,8 @@ class ClanTrainer(Trainer):
         self._schedule_base_lrs: list[float] | None = None
         self._fitness_loader: DataLoader | None = None
         self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # the best member's, while rank 0 saves
-        self.add_callback(_RoundCallback(self))
+        # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
+        self.callback_handler.callbacks.insert(0, _RoundCallback(self))
         leave_together_at_exit()
 
     # ---- Genome ----
@@ -321,9 +322,7 @@ class ClanTrainer(Trainer):
             write_history(self.args.output_dir, [])
         if self.fitness_metric:
             self._check_fitness_metric()
-        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-        self._final_round()
-        return output
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     # ---- Checkpoints ----
     # A checkpoint holds every member (each rank writes its own under clan/member-{i}), the clan's genomes and
@@ -704,7 +703,8 @@ class ClanTrainer(Trainer):
 
 
 class _RoundCallback(TrainerCallback):
-    """Ends a round after its last optimizer step, before the Trainer logs or saves that step."""
+    """Ends a round after its last optimizer step, before the Trainer logs or saves that step, and runs the final
+    evaluation when training ends."""
 
     def __init__(self, trainer: ClanTrainer):
         self.trainer = trainer
@@ -720,3 +720,6 @@ class _RoundCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.round_steps == 0 and state.global_step < state.max_steps:
             self.trainer._end_round()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._final_round()
