@@ -15,7 +15,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import (
-    LabelSmoother,
     find_batch_size,
     nested_concat,
     nested_detach,
@@ -35,7 +34,7 @@ from .checkpoint import (
     save_member,
 )
 from .clan_config import ClanConfig
-from .dropout import mean_dropout, set_dropout
+from .dropout import mean_dropout
 from .exchange import (
     GradientGuard,
     agree_on_count,
@@ -47,6 +46,7 @@ from .exchange import (
     recv_member,
     send_member,
 )
+from .expression import check_expressible, decay_groups, express
 from .genes import OPTIMIZER, build_gene
 from .genetics import (
     Genome,
@@ -169,6 +169,7 @@ class ClanTrainer(Trainer):
         self._competitive = False
         self._diverged = False
         self._schedule_base_lrs: list[float] | None = None
+        self._decay_groups: list[bool] | None = None
         self._fitness_loader: DataLoader | None = None
         self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # the best member's, while rank 0 saves
         # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
@@ -198,59 +199,14 @@ class ClanTrainer(Trainer):
             name: gene.value if competitive or gene.kind == OPTIMIZER else consensus(self.genomes, name)
             for name, gene in self.genomes[self.member].items()
         }
-        # Param-group dicts are looked up now: accelerate replaces them when it wraps the optimizer.
-        for group in self.optimizer.param_groups:
-            if "weight_decay" in values and group.get("clan_decay"):
-                group["weight_decay"] = values["weight_decay"]
-            if "adam_beta1" in values or "adam_beta2" in values:
-                if "betas" not in group:
-                    raise ValueError(
-                        f"The adam_beta genes need an optimizer with betas; `optim={self.args.optim}` has none."
-                    )
-                beta1, beta2 = group["betas"]
-                group["betas"] = (values.get("adam_beta1", beta1), values.get("adam_beta2", beta2))
-            if "adam_epsilon" in values:
-                if "eps" not in group:
-                    raise ValueError(
-                        f"The adam_epsilon gene needs an optimizer with eps; `optim={self.args.optim}` has none."
-                    )
-                group["eps"] = values["adam_epsilon"]
-        if "learning_rate" in values:
-            self._scale_schedule(values["learning_rate"] / self.args.learning_rate)
-        if "dropout" in values:
-            set_dropout(self.model, values["dropout"])
-        if "label_smoothing_factor" in values:
-            # Always a LabelSmoother, even at 0, so every member computes its loss the same way.
-            self.label_smoother = LabelSmoother(epsilon=values["label_smoothing_factor"])
+        if self._decay_groups is None:  # the optimizer exists from the first step on
+            check_expressible(self, values)
+            self._decay_groups = decay_groups(self)
+        express(self, values, self._schedule_base_lrs, self._decay_groups)
         self._expressed = values
         self._expressed_phase = competitive
 
-    def _scale_schedule(self, factor: float) -> None:
-        """Scale the user's learning-rate schedule by `factor`, keeping its warmup/decay shape and step counter."""
-        scheduler = self.lr_scheduler
-        if not hasattr(scheduler, "base_lrs"):
-            raise ValueError(
-                f"The learning_rate gene scales the scheduler's base_lrs, which {type(scheduler).__name__} lacks; "
-                "use an lr_scheduler_type such as 'linear', 'cosine' or 'constant'."
-            )
-        for i, group in enumerate(self.optimizer.param_groups):
-            new_base = self._schedule_base_lrs[i] * factor
-            old_base = scheduler.base_lrs[i]
-            # LambdaLR recomputes lr from base_lrs each step; chainable schedulers scale the current lr.
-            group["lr"] = group["lr"] * new_base / old_base if old_base else new_base
-            group["initial_lr"] = scheduler.base_lrs[i] = new_base
-
     # ---- Trainer hooks ----
-
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        optimizer = super().create_optimizer(model)
-        opt_model = self.model if model is None else model
-        decay_names = set(self.get_decay_parameter_names(opt_model))
-        decay_ids = {id(p) for n, p in opt_model.named_parameters() if n in decay_names}
-        # Tagged in the group itself: the tag survives accelerate's state-dict reload and checkpoints.
-        for group in optimizer.param_groups:
-            group["clan_decay"] = any(id(p) in decay_ids for p in group["params"])
-        return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)

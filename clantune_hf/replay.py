@@ -19,10 +19,9 @@ import json
 import os
 
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LabelSmoother
 from transformers.utils import logging
 
-from .dropout import set_dropout
+from .expression import check_expressible, decay_groups, express
 from .genes import GENE_SPECS
 from .history import SCHEDULE_NAME
 
@@ -73,27 +72,16 @@ class ScheduleReplayCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer, base = self.trainer, self.schedule.get("base", {})
         genes = self.segments[0]["genes"]
+        check_expressible(trainer, genes)
         # The scheduler's base_lrs before any gene scales them: the shape the learning-rate gene multiplies.
-        if "learning_rate" in genes:
-            if not hasattr(trainer.lr_scheduler, "base_lrs"):
-                raise ValueError(
-                    f"The learning_rate gene scales the scheduler's base_lrs, which "
-                    f"{type(trainer.lr_scheduler).__name__} lacks; use an lr_scheduler_type such as 'linear', "
-                    "'cosine' or 'constant'."
-                )
-            self._user_base_lrs = list(trainer.lr_scheduler.base_lrs)
-            scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-            if base.get("lr_scheduler_type", scheduler_type) != scheduler_type:
-                logger.warning(
-                    f"The schedule was found with lr_scheduler_type={base['lr_scheduler_type']!r} and is replayed on "
-                    f"{scheduler_type!r}: the learning-rate gene will scale a different shape."
-                )
-        decay_names = set(trainer.get_decay_parameter_names(trainer.model))
-        decay_ids = {id(p) for name, p in trainer.model.named_parameters() if name in decay_names}
-        self._decay_groups = [any(id(p) in decay_ids for p in g["params"]) for g in trainer.optimizer.param_groups]
-        for name, key in (("adam_beta1", "betas"), ("adam_beta2", "betas"), ("adam_epsilon", "eps")):
-            if name in genes and key not in trainer.optimizer.param_groups[0]:
-                raise ValueError(f"The schedule has a {name} gene, but `optim={args.optim}` has no {key}.")
+        self._user_base_lrs = list(getattr(trainer.lr_scheduler, "base_lrs", []))
+        scheduler_type = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        if "learning_rate" in genes and base.get("lr_scheduler_type", scheduler_type) != scheduler_type:
+            logger.warning(
+                f"The schedule was found with lr_scheduler_type={base['lr_scheduler_type']!r} and is replayed on "
+                f"{scheduler_type!r}: the learning-rate gene will scale a different shape."
+            )
+        self._decay_groups = decay_groups(trainer)
         if "max_grad_norm" in genes and not args.max_grad_norm > 0:
             raise ValueError("The schedule has a max_grad_norm gene; set `max_grad_norm` > 0 so the Trainer clips.")
         self._user_max_grad_norm = args.max_grad_norm
@@ -102,26 +90,7 @@ class ScheduleReplayCallback(TrainerCallback):
         args.max_grad_norm = self._user_max_grad_norm  # the arguments saved with the model stay the user's
 
     def on_step_begin(self, args, state, control, **kwargs):
-        trainer, genes = self.trainer, self.genes_at(state.global_step)
-        # Param-group dicts are looked up now: accelerate replaces them when it wraps the optimizer.
-        for i, group in enumerate(trainer.optimizer.param_groups):
-            if "weight_decay" in genes and self._decay_groups[i]:
-                group["weight_decay"] = genes["weight_decay"]
-            if "adam_beta1" in genes or "adam_beta2" in genes:
-                beta1, beta2 = group["betas"]
-                group["betas"] = (genes.get("adam_beta1", beta1), genes.get("adam_beta2", beta2))
-            if "adam_epsilon" in genes:
-                group["eps"] = genes["adam_epsilon"]
-            if "learning_rate" in genes:
-                # As ClanTrainer does: scale the schedule's base; LambdaLR recomputes lr from it on every step.
-                scheduler = trainer.lr_scheduler
-                new_base = self._user_base_lrs[i] * genes["learning_rate"] / args.learning_rate
-                old_base = scheduler.base_lrs[i]
-                group["lr"] = group["lr"] * new_base / old_base if old_base else new_base
-                group["initial_lr"] = scheduler.base_lrs[i] = new_base
+        genes = self.genes_at(state.global_step)
+        express(self.trainer, genes, self._user_base_lrs, self._decay_groups)
         if "max_grad_norm" in genes:
             args.max_grad_norm = genes["max_grad_norm"]
-        if "dropout" in genes:
-            set_dropout(trainer.model, genes["dropout"])
-        if "label_smoothing_factor" in genes:
-            trainer.label_smoother = LabelSmoother(epsilon=genes["label_smoothing_factor"])

@@ -1,0 +1,66 @@
+"""Expressing genes: making a Trainer's optimizer, scheduler, model and loss follow a set of gene values.
+
+`ClanTrainer` expresses a member's genome at every phase change; `ScheduleReplayCallback` expresses a discovered
+schedule at every step of a plain `Trainer`. Both go through `express`, so a replay does exactly what the clan did.
+`max_grad_norm` is left to the caller: the clan clips in `_clip_grad_norm`, a replay through `args.max_grad_norm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from transformers import Trainer
+from transformers.trainer_pt_utils import LabelSmoother
+
+from .dropout import set_dropout
+
+
+def decay_groups(trainer: Trainer) -> list[bool]:
+    """For each of the optimizer's parameter groups, whether weight decay applies to it (it holds decay params)."""
+    names = set(trainer.get_decay_parameter_names(trainer.model))
+    decay_ids = {id(p) for name, p in trainer.model.named_parameters() if name in names}
+    return [any(id(p) in decay_ids for p in group["params"]) for group in trainer.optimizer.param_groups]
+
+
+def check_expressible(trainer: Trainer, genes: Iterable[str]) -> None:
+    """Refuse genes the trainer's optimizer or scheduler has no knob for."""
+    genes, group, optim = set(genes), trainer.optimizer.param_groups[0], trainer.args.optim.value
+    if genes & {"adam_beta1", "adam_beta2"} and "betas" not in group:
+        raise ValueError(f"The adam_beta genes need an optimizer with betas; `optim={optim!r}` has none.")
+    if "adam_epsilon" in genes and "eps" not in group:
+        raise ValueError(f"The adam_epsilon gene needs an optimizer with eps; `optim={optim!r}` has none.")
+    if "learning_rate" in genes and not hasattr(trainer.lr_scheduler, "base_lrs"):
+        raise ValueError(
+            f"The learning_rate gene scales the scheduler's base_lrs, which {type(trainer.lr_scheduler).__name__} "
+            "lacks; use an lr_scheduler_type such as 'linear', 'cosine' or 'constant'."
+        )
+
+
+def express(trainer: Trainer, values: dict[str, float], schedule_base_lrs: list[float], decay: list[bool]) -> None:
+    """Set every gene in `values` on `trainer`.
+
+    The learning rate scales the user's schedule: each group's base becomes `schedule_base_lrs[i] * value /
+    args.learning_rate`, so the warmup/decay shape and the shared step counter stay. Weight decay goes to the groups
+    flagged in `decay`; betas and eps to every group; dropout to every dropout probability of the model.
+    """
+    # Param-group dicts are looked up now: accelerate replaces them when it wraps the optimizer.
+    for i, group in enumerate(trainer.optimizer.param_groups):
+        if "weight_decay" in values and decay[i]:
+            group["weight_decay"] = values["weight_decay"]
+        if "adam_beta1" in values or "adam_beta2" in values:
+            beta1, beta2 = group["betas"]
+            group["betas"] = (values.get("adam_beta1", beta1), values.get("adam_beta2", beta2))
+        if "adam_epsilon" in values:
+            group["eps"] = values["adam_epsilon"]
+        if "learning_rate" in values:
+            scheduler = trainer.lr_scheduler
+            new_base = schedule_base_lrs[i] * values["learning_rate"] / trainer.args.learning_rate
+            old_base = scheduler.base_lrs[i]
+            # LambdaLR recomputes lr from base_lrs each step; chainable schedulers scale the current lr.
+            group["lr"] = group["lr"] * new_base / old_base if old_base else new_base
+            group["initial_lr"] = scheduler.base_lrs[i] = new_base
+    if "dropout" in values:
+        set_dropout(trainer.model, values["dropout"])
+    if "label_smoothing_factor" in values:
+        # Always a LabelSmoother, even at 0, so every value computes the loss the same way.
+        trainer.label_smoother = LabelSmoother(epsilon=values["label_smoothing_factor"])
