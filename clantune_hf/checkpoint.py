@@ -24,11 +24,10 @@ import re
 
 import safetensors.torch
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .exchange import _recv_flat, _send_flat, member_tensors
+from .exchange import member_tensors
 from .genes import Gene
 from .genetics import Genome, rank_members
 from .history import nan_if_none
@@ -138,23 +137,6 @@ def latest_best(history: list[dict], greater_is_better: bool) -> int:
     last = [r for r in history if r["round"] == history[-1]["round"]]
     fitness = [nan_if_none(r["fitness"]) for r in sorted(last, key=lambda r: r["member"])]
     return rank_members(fitness, greater_is_better)[0]
-
-
-def gather_weights(model: nn.Module, src: int) -> dict[str, torch.Tensor] | None:
-    """Rank `src`'s full state dict, on rank 0 only (None elsewhere, and when `src` is 0: use the model itself).
-
-    Called by every rank; only `src` and 0 exchange tensors. Parameters that are not trainable are the same in every
-    member, so rank 0 takes its own. Tied weights stay tied: they are one tensor in `member_tensors`.
-    """
-    if src == 0 or dist.get_rank() not in (0, src):
-        return None
-    tensors = [t for _, t in member_tensors(model)]
-    if dist.get_rank() == src:
-        _send_flat(tensors, 0)
-        return None
-    received = _recv_flat([(tuple(t.shape), t.dtype) for t in tensors], src)
-    by_storage = {t.data_ptr(): r.to(t.device, copy=True) for t, r in zip(tensors, received, strict=True)}
-    return {name: by_storage.get(t.data_ptr(), t) for name, t in model.state_dict().items()}
 
 
 def is_complete(checkpoint: str) -> bool:

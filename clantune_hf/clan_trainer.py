@@ -24,7 +24,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction
 from transformers.utils import logging
 
 from .checkpoint import (
-    gather_weights,
     is_complete,
     last_checkpoint,
     latest_best,
@@ -41,6 +40,7 @@ from .exchange import (
     all_gather_floats,
     broadcast_batches,
     broadcast_weights,
+    gather_weights,
     guarded_allreduce_hook,
     leave_together_at_exit,
     recv_member,

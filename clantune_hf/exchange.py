@@ -170,6 +170,23 @@ def broadcast_weights(model: nn.Module, src: int) -> None:
                 tensors[i].copy_(chunk.view_as(tensors[i]))
 
 
+def gather_weights(model: nn.Module, src: int) -> dict[str, torch.Tensor] | None:
+    """Rank `src`'s full state dict, on rank 0 only (None elsewhere, and when `src` is 0: use the model itself).
+
+    Called by every rank; only `src` and 0 exchange tensors. Parameters that are not trainable are the same in every
+    member, so rank 0 takes its own. Tied weights stay tied: they are one tensor in `member_tensors`.
+    """
+    if src == 0 or dist.get_rank() not in (0, src):
+        return None
+    tensors = [t for _, t in member_tensors(model)]
+    if dist.get_rank() == src:
+        _send_flat(tensors, 0)
+        return None
+    received = _recv_flat([(tuple(t.shape), t.dtype) for t in tensors], src)
+    by_storage = {t.data_ptr(): r.to(t.device, copy=True) for t, r in zip(tensors, received, strict=True)}
+    return {name: by_storage.get(t.data_ptr(), t) for name, t in model.state_dict().items()}
+
+
 def broadcast_batches(batches: list[Mapping], src: int, device: torch.device) -> list[dict]:
     """Rank `src`'s batches on every rank, so all members train on common data. Shapes may differ across ranks."""
     is_src = dist.get_rank() == src
