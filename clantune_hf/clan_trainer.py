@@ -223,9 +223,9 @@ class ClanTrainer(Trainer):
             # Every rank now holds the same batches, so the token count gathered across ranks is P times the local
             # one, and compute_loss's multiplication by P leaves each member's own per-token mean.
             batches = broadcast_batches(batches, src=0, device=device)
-        else:
-            # A rank that ran short of data (e.g. an unevenly sharded iterable dataset) would leave the others
-            # waiting in DDP's all-reduce: every rank runs only as many micro-batches as the shortest.
+        elif not self.accelerator.even_batches:
+            # Without accelerate's even batches, a rank that ran short of data would leave the others waiting in
+            # DDP's all-reduce: every rank runs only as many micro-batches as the shortest.
             count = agree_on_count(len(batches))
             if count < len(batches):
                 dropped = len(batches) - count

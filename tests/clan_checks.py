@@ -289,11 +289,12 @@ class ShortDataTrainer(ClanTrainer):
 
 
 def check_short_data(output_dir):
-    """A rank short of data makes every rank stop where it stopped, instead of one rank's backward waiting for a
-    rank that already moved on to the final evaluation."""
+    """Without accelerate's even batches, a rank short of data makes every rank stop where it stopped, instead of
+    one rank's backward waiting for a rank that already moved on to the final evaluation."""
     clan_size = dist.get_world_size()
     args = ClanConfig(output_dir=output_dir, round_steps=3, duty_cycle=0.0, num_train_epochs=1,
-                      per_device_train_batch_size=4, report_to="none", disable_tqdm=True, seed=1)  # fmt: skip
+                      per_device_train_batch_size=4, report_to="none", disable_tqdm=True, seed=1,
+                      accelerator_config={"even_batches": False})  # fmt: skip
     train = PatternDataset(6 * 4 * clan_size)  # six steps per epoch
     trainer = ShortDataTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=train,
                                eval_dataset=PatternDataset(8, seed=1))  # fmt: skip
