@@ -1,0 +1,323 @@
+"""What does a clan cost on top of DDP? Same model, data and P ranks, three runs interleaved and repeated:
+
+    trainer        `Trainer` under DDP (the baseline a user would otherwise run)
+    clan_duty0     `ClanTrainer` with duty_cycle=0: every step cooperative, selection every round
+    clan_default   `ClanTrainer` with the default duty cycle (`ClanConfig().duty_cycle`)
+
+Each step is timed on rank 0 by a callback; the round's fitness evaluation and selection/exchange are timed by a
+`ClanTrainer` subclass here (the package itself carries no timers) and subtracted from the step they end. Bytes per
+exchange are counted by wrapping the trainer's `send_member`. A run's step time is the median step of its least
+disturbed repeat: on a shared machine other jobs slow whole repeats down (every repeat's median is in the JSON).
+
+    python benchmarks/overhead.py --out bench_out/overhead            # ~9 min on 2 CPU cores
+
+Writes DIR/overhead.json with `overhead_ratio` (median cooperative step of clan_duty0 / median step of trainer),
+the per-round split of clan_default into cooperative, competitive, fitness and selection/exchange seconds, and the
+bytes moved per exchange against the model's size; prints a markdown summary. Targets (reported, not asserted):
+cooperative step within 3% of the DDP Trainer, selection + exchange under 2% of a round at round_steps=200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import clantune_hf.clan_trainer as clan_trainer_module
+from clantune_hf import ClanConfig, ClanTrainer
+from clantune_hf.exchange import all_gather_floats
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import MarkovText, cpu_cores, launch, log_tail, markov_table, tiny_gpt2, write_json  # noqa: E402
+
+RUNS = ["trainer", "clan_duty0", "clan_default"]
+SETTINGS = {
+    "full": dict(num_processes=4, steps=600, round_steps=200, width=64, layers=3, seq_len=64, batch=8, eval_size=256),
+    "tiny": dict(num_processes=2, steps=12, round_steps=6, width=32, layers=2, seq_len=16, batch=4, eval_size=32),
+}
+UNTIMED_STEPS = {"full": 10, "tiny": 2}  # a run's first steps (allocator and gloo warm-up) are not timed
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step on this rank, minus the round-end work that ran inside it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.durations: list[float] = []
+        self.competitive: list[bool] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Added after ClanTrainer's round callback, so `now` already includes this step's selection and exchange.
+        now = time.perf_counter()
+        self.durations.append(now - self.last - self.trainer.round_time_in_step())
+        self.competitive.append(bool(getattr(self.trainer, "_competitive", False)))
+        self.last = now
+
+
+class TimedTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timer = StepTimer(self)
+        self.add_callback(self.timer)
+
+    def round_time_in_step(self) -> float:
+        return 0.0
+
+
+class TimedClanTrainer(ClanTrainer):
+    """Times each round's fitness evaluation and its selection + exchange (everything else `_end_round` does)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timer = StepTimer(self)
+        self.add_callback(self.timer)
+        self.rounds: list[dict] = []
+        self._pending = 0.0
+        self._fitness_s = 0.0
+
+    def _gather_fitness(self):
+        start = time.perf_counter()
+        fitness = super()._gather_fitness()
+        self._fitness_s = time.perf_counter() - start
+        return fitness
+
+    def _end_round(self):
+        start = time.perf_counter()
+        super()._end_round()
+        total = time.perf_counter() - start
+        self.rounds.append({"fitness_s": self._fitness_s, "selection_exchange_s": total - self._fitness_s})
+        self._pending += total
+
+    def round_time_in_step(self) -> float:
+        pending, self._pending = self._pending, 0.0
+        return pending
+
+
+def run_job(run: str, settings: dict, job_dir: str) -> None:
+    """One run on every rank of a launch; rank 0 writes its timings to job_dir/timing.json."""
+    sent: list[int] = []
+    send_member = clan_trainer_module.send_member
+
+    def counting_send_member(model, optimizer, dst):
+        sent.append(send_member(model, optimizer, dst))
+        return sent[-1]
+
+    clan_trainer_module.send_member = counting_send_member
+
+    table = markov_table(0)
+    seq_len = settings["seq_len"]
+    train = MarkovText(table, settings["steps"] * settings["batch"] * settings["num_processes"], 1, seq_len)
+    evals = MarkovText(table, settings["eval_size"], 2, seq_len)
+    model = tiny_gpt2(seq_len=seq_len, width=settings["width"], layers=settings["layers"])
+    common = dict(
+        output_dir=job_dir, max_steps=settings["steps"], per_device_train_batch_size=settings["batch"],
+        per_device_eval_batch_size=64, learning_rate=3e-3, report_to="none", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, use_cpu=True, ddp_broadcast_buffers=False,
+    )  # fmt: skip
+    if run == "trainer":
+        trainer = TimedTrainer(model=model, args=TrainingArguments(**common), train_dataset=train)
+    else:
+        duty = 0.0 if run == "clan_duty0" else ClanConfig.duty_cycle
+        args = ClanConfig(**common, round_steps=settings["round_steps"], duty_cycle=duty)
+        trainer = TimedClanTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals)
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+
+    timing = {"run": run, "train_s": train_s}
+    if run != "trainer":
+        timing["duty_cycle"] = trainer.args.duty_cycle
+        timing["rounds"] = trainer.rounds
+        timing["bytes_sent"] = sum(all_gather_floats(float(sum(sent))))
+        timing["exchanges"] = sum(r["parent"] is not None for r in trainer.clan_history)
+    if trainer.accelerator.is_main_process:
+        timed = slice(settings["untimed_steps"], None)
+        timing["durations"] = trainer.timer.durations[timed]
+        timing["competitive"] = trainer.timer.competitive[timed]
+        write_json(os.path.join(job_dir, "timing.json"), timing)
+
+
+def model_bytes(settings: dict) -> dict:
+    model = tiny_gpt2(seq_len=settings["seq_len"], width=settings["width"], layers=settings["layers"])
+    params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    # AdamW state per parameter tensor: exp_avg and exp_avg_sq (like the parameter) and a float32 `step` scalar.
+    optimizer = 2 * params + 4 * tensors
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "param_bytes": params,
+        "buffer_bytes": buffers,
+        "optimizer_state_bytes": optimizer,
+        "clone_bytes_expected": params + buffers + optimizer,
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _least_disturbed(repeats: list[dict], competitive: bool | None) -> tuple[float | None, list[float | None]]:
+    """The median step time of each repeat (of one phase, or of every step), and the smallest of them.
+
+    Other jobs on a shared machine slow whole stretches of a run down; the repeat they disturbed least is the best
+    estimate of what the code itself costs."""
+    medians = [
+        _median([d for d, c in zip(t["durations"], t["competitive"], strict=True) if competitive in (None, c)])
+        for t in repeats
+    ]
+    known = [m for m in medians if m is not None]
+    return (min(known) if known else None), medians
+
+
+def summarize(timings: dict[str, list[dict]], settings: dict) -> dict:
+    runs = {}
+    for run, repeats in timings.items():
+        step, step_repeats = _least_disturbed(repeats, None)
+        coop, coop_repeats = _least_disturbed(repeats, False)
+        comp, _ = _least_disturbed(repeats, True)
+        runs[run] = {
+            "repeats": len(repeats),
+            "train_s": [t["train_s"] for t in repeats],
+            "step_s_median": step,
+            "steps_per_s": 1 / step,
+            "step_s_median_per_repeat": step_repeats,
+            "cooperative_step_s_median": coop,
+            "cooperative_step_s_median_per_repeat": coop_repeats,
+            "competitive_step_s_median": comp,
+        }
+        for t in repeats:
+            runs[run].setdefault("rounds", []).extend(t.get("rounds", []))
+            runs[run]["bytes_sent"] = runs[run].get("bytes_sent", 0) + t.get("bytes_sent", 0)
+            runs[run]["exchanges"] = runs[run].get("exchanges", 0) + t.get("exchanges", 0)
+
+    base = runs["trainer"]["step_s_median"]
+    result = {"runs": runs}
+    result["overhead_ratio"] = runs["clan_duty0"]["cooperative_step_s_median"] / base
+    result["overhead_ratio_default_duty"] = runs["clan_default"]["cooperative_step_s_median"] / base
+
+    default = runs["clan_default"]
+    duty = ClanConfig.duty_cycle
+    n_coop = round(settings["round_steps"] * (1 - duty))
+    n_comp = settings["round_steps"] - n_coop
+    split = {
+        "round_steps": settings["round_steps"],
+        "duty_cycle": duty,
+        "cooperative_s": n_coop * default["cooperative_step_s_median"],
+        "competitive_s": n_comp * (default["competitive_step_s_median"] or 0.0),
+        "fitness_s": _median([r["fitness_s"] for r in default["rounds"]]),
+        "selection_exchange_s": _median([r["selection_exchange_s"] for r in default["rounds"]]),
+    }
+    round_s = sum(v for k, v in split.items() if k.endswith("_s"))
+    split["round_s"] = round_s
+    split["fractions"] = {
+        k.removesuffix("_s"): v / round_s for k, v in split.items() if k.endswith("_s") and k != "round_s"
+    }
+    result["round_split"] = split
+
+    sizes = model_bytes(settings)
+    exchanges = sum(r["exchanges"] for r in runs.values() if "exchanges" in r)
+    moved = sum(r["bytes_sent"] for r in runs.values() if "bytes_sent" in r)
+    per_exchange = moved / exchanges if exchanges else None
+    result["exchange"] = {
+        **sizes,
+        "exchanges": exchanges,
+        "bytes_per_exchange": per_exchange,
+        "bytes_per_exchange_over_param_bytes": per_exchange / sizes["param_bytes"] if per_exchange else None,
+        "bytes_per_exchange_over_expected": per_exchange / sizes["clone_bytes_expected"] if per_exchange else None,
+    }
+    result["targets"] = {
+        "cooperative_step_within_3pct_of_ddp": result["overhead_ratio"] <= 1.03,
+        "selection_exchange_under_2pct_of_round": split["fractions"]["selection_exchange"] < 0.02,
+    }
+    return result
+
+
+def markdown(result: dict) -> str:
+    runs, split, ex = result["runs"], result["round_split"], result["exchange"]
+    lines = ["| run | median step ms | steps/s | cooperative ms | competitive ms |", "|---|---|---|---|---|"]
+    for name, run in runs.items():
+        comp = run["competitive_step_s_median"]
+        lines.append(
+            f"| {name} | {1e3 * run['step_s_median']:.1f} | {run['steps_per_s']:.1f} | "
+            f"{1e3 * run['cooperative_step_s_median']:.1f} | {'–' if comp is None else f'{1e3 * comp:.1f}'} |"
+        )
+    fractions = split["fractions"]
+    lines += [
+        "",
+        f"overhead_ratio (clan cooperative step / DDP Trainer step): {result['overhead_ratio']:.3f} "
+        f"(default duty cycle run: {result['overhead_ratio_default_duty']:.3f}); target <= 1.03",
+        f"round of {split['round_steps']} steps at duty_cycle={split['duty_cycle']}: {split['round_s']:.2f} s = "
+        + ", ".join(f"{k} {100 * v:.1f}%" for k, v in fractions.items())
+        + "; target selection_exchange < 2%",
+    ]
+    if ex["bytes_per_exchange"]:
+        lines.append(
+            f"bytes per exchange: {ex['bytes_per_exchange'] / 1e6:.2f} MB = "
+            f"{ex['bytes_per_exchange_over_param_bytes']:.2f}x "
+            f"the trainable weights ({ex['param_bytes'] / 1e6:.2f} MB); expected weights + buffers + Adam state "
+            f"{ex['clone_bytes_expected'] / 1e6:.2f} MB ({ex['exchanges']} exchanges measured)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="Directory for overhead.json and every run's logs.")
+    parser.add_argument("--tiny", action="store_true", help="A few steps on 2 ranks: checks the harness, not numbers.")
+    parser.add_argument("--repeats", type=int, default=3, help="Interleaved repeats of the three runs (default 3).")
+    parser.add_argument("--num-processes", type=int, default=None, help="Ranks P (default 4).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default 600).")
+    parser.add_argument("--round-steps", type=int, default=None, help="Steps per clan round (default 200).")
+    args = parser.parse_args(argv)
+
+    mode = "tiny" if args.tiny else "full"
+    settings = dict(SETTINGS[mode], untimed_steps=UNTIMED_STEPS[mode])
+    if args.num_processes is not None:
+        settings["num_processes"] = args.num_processes
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    if args.round_steps is not None:
+        settings["round_steps"] = args.round_steps
+    timings: dict[str, list[dict]] = {run: [] for run in RUNS}
+    start = time.perf_counter()
+    with tqdm(total=args.repeats * len(RUNS), desc="overhead", unit="run") as bar:
+        for repeat in range(args.repeats):
+            for run in RUNS:
+                bar.set_postfix_str(run)
+                job_dir = os.path.join(args.out, "runs", f"{run}_{repeat}")
+                os.makedirs(job_dir, exist_ok=True)
+                try:
+                    launch(run_job, settings["num_processes"], run, settings, job_dir, log_path=f"{job_dir}/log")
+                except RuntimeError as error:
+                    raise RuntimeError(f"{run} failed: {error}\n{log_tail(f'{job_dir}/log')}") from error
+                timings[run].append(_read(os.path.join(job_dir, "timing.json")))
+                bar.update(1)
+    result = {
+        "settings": settings,
+        "machine": f"{cpu_cores()} CPU cores, {settings['num_processes']} gloo ranks, one thread each",
+        **summarize(timings, settings),
+        "wall_s": time.perf_counter() - start,
+    }
+    write_json(os.path.join(args.out, "overhead.json"), result)
+    print(markdown(result))
+    return result
+
+
+def _read(path: str) -> dict:
+    import json
+
+    with open(path) as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":
+    main()
