@@ -29,8 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .exchange import member_tensors
 from .genes import Gene
-from .genetics import Genome, rank_members
-from .history import nan_if_none
+from .genetics import Genome
 
 CLAN_DIR = "clan"
 CLAN_NAME = "clan.json"
@@ -128,15 +127,6 @@ def load_clan(checkpoint: str, clan_size: int, genes: list[str]) -> tuple[list[G
             "the genes the clan was trained with."
         )
     return genomes, state["history"]
-
-
-def latest_best(history: list[dict], greater_is_better: bool) -> int:
-    """The best member by the latest recorded fitness (member 0, which holds the configured genes, before any)."""
-    if not history:
-        return 0
-    last = [r for r in history if r["round"] == history[-1]["round"]]
-    fitness = [nan_if_none(r["fitness"]) for r in sorted(last, key=lambda r: r["member"])]
-    return rank_members(fitness, greater_is_better)[0]
 
 
 def is_complete(checkpoint: str) -> bool:

@@ -26,7 +26,6 @@ from transformers.utils import logging
 from .checkpoint import (
     is_complete,
     last_checkpoint,
-    latest_best,
     load_clan,
     load_member,
     save_clan,
@@ -60,7 +59,7 @@ from .genetics import (
     reproduce,
     selection_plan,
 )
-from .history import build_schedule, round_records, write_history, write_schedule
+from .history import build_schedule, latest_best, round_records, write_history, write_schedule
 
 logger = logging.get_logger(__name__)
 
@@ -157,7 +156,9 @@ class ClanTrainer(Trainer):
         self.clan_size = self.accelerator.num_processes
         self.fitness_metric = None if metric is None or metric.removeprefix("eval_") == "loss" else metric
         self.greater_is_better = bool(args.greater_is_better) if self.fitness_metric else False
-        self.genomes: list[Genome] = initial_clan(self._base_genome(), self.clan_size, args.seed)
+        # Captured now: the dropout gene reads the model, whose dropout the clan changes during training.
+        self.base_genome: Genome = self._base_genome()
+        self.genomes: list[Genome] = initial_clan(self.base_genome, self.clan_size, args.seed)
         self.clan_history: list[dict] = []
         self.clan_schedule: dict | None = None
 
@@ -274,8 +275,10 @@ class ClanTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint not in (None, False):
             resume_from_checkpoint = self._resume_point(resume_from_checkpoint)
-        if self.args.should_save and resume_from_checkpoint in (None, False):
-            write_history(self.args.output_dir, [])
+        if resume_from_checkpoint in (None, False):
+            self.clan_history = []
+            if self.args.should_save:
+                write_history(self.args.output_dir, [])
         if self.fitness_metric:
             self._check_fitness_metric()
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
@@ -387,7 +390,7 @@ class ClanTrainer(Trainer):
                 "learning_rate": self.args.learning_rate,
                 "lr_scheduler_type": str(self.args.lr_scheduler_type.value),
                 "warmup_steps": self.args.get_warmup_steps(self.state.max_steps),
-                "genes": {name: gene.value for name, gene in self._base_genome().items()},
+                "genes": genome_values(self.base_genome),
             },
         )
         if self.args.should_save:

@@ -86,10 +86,15 @@ def _flat_groups(shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> dict[torc
     return {dtype: groups[dtype] for dtype in sorted(groups, key=str)}
 
 
+def _pack(tensors: list[torch.Tensor], indices: list[int]) -> torch.Tensor:
+    """`tensors[indices]` as one flat buffer on the transport device."""
+    return torch.cat([tensors[i].detach().reshape(-1).to(comm_device()) for i in indices])
+
+
 def _send_flat(tensors: list[torch.Tensor], dst: int) -> int:
-    device, sent = comm_device(), 0
+    sent = 0
     for indices in _flat_groups([(tuple(t.shape), t.dtype) for t in tensors]).values():
-        flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in indices])
+        flat = _pack(tensors, indices)
         dist.send(flat, dst)
         sent += flat.numel() * flat.element_size()
     return sent
@@ -161,10 +166,9 @@ def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) ->
 def broadcast_weights(model: nn.Module, src: int) -> None:
     """Every rank takes rank `src`'s trainable weights and buffers (not its optimizer state)."""
     tensors = [t for _, t in member_tensors(model)]
-    device = comm_device()
     with torch.no_grad():
         for indices in _flat_groups([(tuple(t.shape), t.dtype) for t in tensors]).values():
-            flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in indices])
+            flat = _pack(tensors, indices)
             dist.broadcast(flat, src)
             for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices]), strict=True):
                 tensors[i].copy_(chunk.view_as(tensors[i]))
@@ -240,12 +244,11 @@ class GradientGuard:
         """Call on every rank after a synced backward. Returns whether this rank's own gradient was finite."""
         device = comm_device()
         flags = torch.stack(self.flags).to(device) if self.flags else torch.ones(0, dtype=torch.bool, device=device)
-        locally_finite = bool(flags.all())
-        healthy = torch.zeros(self.world_size, dtype=torch.float32, device=device)
-        healthy[dist.get_rank()] = float(locally_finite)
-        stats = torch.cat([flags.to(torch.float32), healthy])
+        # Per bucket, how many ranks contributed; last, how many ranks were finite in every bucket.
+        stats = torch.cat([flags, flags.all().reshape(1)]).to(torch.float32)
         dist.all_reduce(stats)
-        counts, healthy_count = stats[: len(flags)].tolist(), stats[len(flags) :].sum().item()
+        *counts, healthy_count = stats.tolist()
+        locally_finite = bool(flags.all())
         if min(counts, default=self.world_size) < self.world_size:
             # Every bucket's contributors include the healthy members; exactly them unless a partly-finite rank
             # slipped its finite buckets in.

@@ -47,15 +47,21 @@ def read_history(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def latest_best(records: list[dict], greater_is_better: bool) -> int:
+    """The best member by the latest recorded fitness (member 0, which holds the configured genes, before any)."""
+    if not records:
+        return 0
+    last = sorted((r for r in records if r["round"] == records[-1]["round"]), key=lambda r: r["member"])
+    return last[rank_members([nan_if_none(r["fitness"]) for r in last], greater_is_better)[0]]["member"]
+
+
 def best_lineage(records: list[dict], greater_is_better: bool) -> list[dict]:
     """The records of the best final member and its ancestors, one per round, oldest first."""
     by_round: dict[int, dict[int, dict]] = {}
     for record in records:
         by_round.setdefault(record["round"], {})[record["member"]] = record
     rounds = sorted(by_round)
-    last = by_round[rounds[-1]]
-    fitness = [nan_if_none(last[m]["fitness"]) for m in sorted(last)]
-    member = sorted(last)[rank_members(fitness, greater_is_better)[0]]
+    member = latest_best(records, greater_is_better)
     lineage = []
     for round_index in reversed(rounds):
         lineage.append(by_round[round_index][member])

@@ -138,6 +138,7 @@ def check_competitive(output_dir):
     trainer.train()
     genes = [r["genes"]["dropout"] for r in trainer.clan_history if r["round"] == 0]
     own = genes[trainer.member]
+    assert trainer.clan_schedule["base"]["genes"]["dropout"] == 0.1, "the base is the configured dropout"
     mean = sum(genes) / len(genes)
     assert len(set(genes)) == trainer.clan_size, genes
 
