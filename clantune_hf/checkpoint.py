@@ -11,6 +11,8 @@ The Trainer saves one model and rank 0's optimizer; a clan has one of each per m
         clan/member-{i}/optimizer.pt             its optimizer state  } torch.save of plain tensors and numbers:
         clan/member-{i}/scheduler.pt             its scheduler state  } they load with `weights_only=True`
         clan/member-{i}/member.json              whether it diverged earlier in the current round
+        clan/member-{i}/average.safetensors      the running mean of its weights for fitness, when the checkpoint
+                                                 falls inside a round's averaging window
 
 Nothing here executes code on load: safetensors, JSON, and `torch.load(weights_only=True)`.
 """
@@ -37,6 +39,7 @@ MEMBER_WEIGHTS = "model.safetensors"
 MEMBER_OPTIMIZER = "optimizer.pt"
 MEMBER_SCHEDULER = "scheduler.pt"
 MEMBER_STATE = "member.json"
+MEMBER_AVERAGE = "average.safetensors"
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -51,8 +54,10 @@ def save_member(
     optimizer: torch.optim.Optimizer | None,
     scheduler,
     diverged: bool,
+    average: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write this member's own state; every rank calls it for its own member. `optimizer=None` saves weights only."""
+    """Write this member's own state; every rank calls it for its own member. `optimizer=None` saves weights only;
+    `average` is the state of its fitness weight average (see fitness.WeightAverage), saved when not empty."""
     folder = member_dir(checkpoint, member)
     os.makedirs(folder, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in member_tensors(model)}
@@ -60,8 +65,16 @@ def save_member(
     if optimizer is not None:
         torch.save(optimizer.state_dict(), os.path.join(folder, MEMBER_OPTIMIZER))
         torch.save(scheduler.state_dict(), os.path.join(folder, MEMBER_SCHEDULER))
+    if average:
+        safetensors.torch.save_file(average, os.path.join(folder, MEMBER_AVERAGE), metadata={"format": "pt"})
     with open(os.path.join(folder, MEMBER_STATE), "w") as f:
         json.dump({"member": member, "diverged": diverged}, f)
+
+
+def load_average(checkpoint: str, member: int) -> dict[str, torch.Tensor]:
+    """The member's fitness weight average saved with `checkpoint`, or `{}` if it was taken outside the window."""
+    path = os.path.join(member_dir(checkpoint, member), MEMBER_AVERAGE)
+    return safetensors.torch.load_file(path, device="cpu") if os.path.isfile(path) else {}
 
 
 def load_member(checkpoint: str, member: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:

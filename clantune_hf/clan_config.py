@@ -11,6 +11,7 @@ from accelerate.utils import parse_flag_from_env
 from transformers import TrainingArguments
 
 from .genes import DEFAULT_GENES, build_gene, parse_gene_options
+from .genetics import SPREADS, STEP_SIZE_CONTROLS
 
 
 @dataclass
@@ -47,6 +48,22 @@ class ClanConfig(TrainingArguments):
         selection_fraction (`float`, *optional*, defaults to `0.25`):
             Fraction of the clan replaced each round by clones of the same-sized top fraction (at least one member,
             at most half of the clan). The best member is never replaced.
+        initial_spread (`str`, *optional*, defaults to `"stratified"`):
+            Where members 1..N-1 start (member 0 always starts at the configured values). `"stratified"` spreads
+            them across each gene's bounds, one stratum per member (a Latin hypercube); `"local"` starts them one
+            mutation step around member 0.
+        resample_probability (`float`, *optional*, defaults to `0.25`):
+            Probability that a clone's gene is drawn afresh from its bounds instead of stepped from its parent's.
+        step_size_control (`str`, *optional*, defaults to `"success"`):
+            How mutation scales adapt. `"success"`: log-normal self-adaptation plus the 1/5th success rule (scales
+            grow when a clone beats its parent, shrink when it does not). `"self_adaptive"`: log-normal only.
+        mirrored_clones (`bool`, *optional*, defaults to `True`):
+            Clones made in the same round pair up and step in opposite directions from their parents' values.
+        fitness_average_window (`float`, *optional*, defaults to `0.5`):
+            Fraction of each round, at its end, over which a member's weights are averaged for its fitness, in
+            [0, 1]. Ranking the average rather than the last weights counters short-horizon bias (a member with a
+            large learning rate is judged nearer where it will settle). Costs one copy of the trainable weights.
+            `0` ranks the last weights. The final evaluation always ranks the weights as they are.
         fitness_eval_samples (`int` or `None`, *optional*, defaults to `None`):
             Evaluate each member's fitness on the first this many samples of `eval_dataset` instead of all of it.
 
@@ -89,6 +106,37 @@ class ClanConfig(TrainingArguments):
         metadata={
             "help": "Fraction of the clan replaced each round by clones of the same-sized top fraction (at least "
             "one member, at most half)."
+        },
+    )
+    initial_spread: str = field(
+        default="stratified",
+        metadata={
+            "help": "Where members 1..N-1 start: 'stratified' across each gene's bounds, or 'local' (one mutation "
+            "step around the configured values).",
+            "choices": list(SPREADS),
+        },
+    )
+    resample_probability: float = field(
+        default=0.25,
+        metadata={"help": "Probability that a clone's gene is drawn afresh from its bounds, in [0, 1]."},
+    )
+    step_size_control: str = field(
+        default="success",
+        metadata={
+            "help": "How mutation scales adapt: 'success' (self-adaptation plus the 1/5th success rule) or "
+            "'self_adaptive' (log-normal self-adaptation only).",
+            "choices": list(STEP_SIZE_CONTROLS),
+        },
+    )
+    mirrored_clones: bool = field(
+        default=True,
+        metadata={"help": "Clones made in the same round pair up and step in opposite directions."},
+    )
+    fitness_average_window: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fraction of each round, at its end, whose weights are averaged for the member's fitness, in "
+            "[0, 1]; 0 ranks the last weights."
         },
     )
     fitness_eval_samples: int | None = field(
@@ -137,7 +185,7 @@ class ClanConfig(TrainingArguments):
             optional = name == "fitness_eval_samples" and value is None
             if not optional and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"`{name}` must be an integer, got {value!r}.")
-        for name in ("duty_cycle", "selection_fraction"):
+        for name in ("duty_cycle", "selection_fraction", "resample_probability", "fitness_average_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"`{name}` must be a number, got {value!r}.")
@@ -149,6 +197,14 @@ class ClanConfig(TrainingArguments):
             )
         if not 0.0 < self.selection_fraction <= 0.5:
             raise ValueError(f"`selection_fraction` must be in (0, 0.5], got {self.selection_fraction}.")
+        for name in ("resample_probability", "fitness_average_window"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
+        for name, choices in (("initial_spread", SPREADS), ("step_size_control", STEP_SIZE_CONTROLS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
+        if not isinstance(self.mirrored_clones, bool):
+            raise ValueError(f"`mirrored_clones` must be True or False, got {self.mirrored_clones!r}.")
         if self.fitness_eval_samples is not None and self.fitness_eval_samples < 1:
             raise ValueError(f"`fitness_eval_samples` must be >= 1 or None, got {self.fitness_eval_samples}.")
         if self.ddp_broadcast_buffers:

@@ -1,31 +1,26 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import statistics
 from typing import Any
 
-import datasets
 import torch
 import torch.distributed as dist
-from accelerate.utils import DistributedType, send_to_device
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_pt_utils import (
-    find_batch_size,
-    nested_concat,
-    nested_detach,
-    nested_numpify,
-)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction
 from transformers.utils import logging
 
 from .checkpoint import (
     is_complete,
     last_checkpoint,
+    load_average,
     load_clan,
     load_member,
     save_clan,
@@ -46,9 +41,12 @@ from .exchange import (
     send_member,
 )
 from .expression import check_expressible, decay_groups, express
+from .fitness import WeightAverage, fitness_dataloader, member_fitness
 from .genes import OPTIMIZER, build_gene
 from .genetics import (
     Genome,
+    Search,
+    adapt_scales,
     checksum,
     consensus,
     copy_genome,
@@ -56,10 +54,11 @@ from .genetics import (
     initial_clan,
     make_rng,
     rank_members,
+    replaced_count,
     reproduce,
     selection_plan,
 )
-from .history import build_schedule, latest_best, round_records, write_history, write_schedule
+from .history import build_schedule, last_plan, latest_best, round_records, write_history, write_schedule
 
 logger = logging.get_logger(__name__)
 
@@ -158,7 +157,13 @@ class ClanTrainer(Trainer):
         self.greater_is_better = bool(args.greater_is_better) if self.fitness_metric else False
         # Captured now: the dropout gene reads the model, whose dropout the clan changes during training.
         self.base_genome: Genome = self._base_genome()
-        self.genomes: list[Genome] = initial_clan(self.base_genome, self.clan_size, args.seed)
+        self.search = Search(
+            initial_spread=args.initial_spread,
+            resample_probability=args.resample_probability,
+            step_size_control=args.step_size_control,
+            mirrored=args.mirrored_clones,
+        )
+        self.genomes: list[Genome] = initial_clan(self.base_genome, self.clan_size, args.seed, args.initial_spread)
         self.clan_history: list[dict] = []
         self.clan_schedule: dict | None = None
 
@@ -172,6 +177,7 @@ class ClanTrainer(Trainer):
         self._schedule_base_lrs: list[float] | None = None
         self._decay_groups: list[bool] | None = None
         self._fitness_loader: DataLoader | None = None
+        self._average = WeightAverage()
         self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # the best member's, while rank 0 saves
         # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
         self.callback_handler.callbacks.insert(0, _RoundCallback(self))
@@ -290,7 +296,8 @@ class ClanTrainer(Trainer):
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         optimizer = None if self.args.save_only_model else self.optimizer
-        save_member(checkpoint, self.member, self.model, optimizer, self.lr_scheduler, self._diverged)
+        average = self._average.state_dict()
+        save_member(checkpoint, self.member, self.model, optimizer, self.lr_scheduler, self._diverged, average)
         if self.args.should_save:
             save_clan(checkpoint, self.genomes, self.clan_history)
         # Rank 0 writes the top level (Trainer._save) with the best member's weights, received in memory.
@@ -322,6 +329,7 @@ class ClanTrainer(Trainer):
             return
         member = load_member(checkpoint, self.member, self.model, self.optimizer, self.lr_scheduler)
         self._diverged = member["diverged"]
+        self._average.load_state_dict(load_average(checkpoint, self.member), self.model)
         self.genomes, self.clan_history = load_clan(checkpoint, self.clan_size, list(self.args.genes))
         self._expressed_phase = None
         if self.args.should_save:
@@ -354,6 +362,8 @@ class ClanTrainer(Trainer):
     def _end_round(self) -> None:
         """Fitness, selection, cloning and mutation, at the last step of every round but the final one."""
         fitness = self._gather_fitness()
+        if self.search.step_size_control == "success":
+            self.genomes = adapt_scales(self.genomes, last_plan(self.clan_history), fitness, self.greater_is_better)
         plan = selection_plan(
             fitness,
             self.greater_is_better,
@@ -367,13 +377,13 @@ class ClanTrainer(Trainer):
                 send_member(self.model, self.optimizer, dst)
             elif self.member == dst:
                 recv_member(self.model, self.optimizer, src)
-        self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index())
+        self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)
         self._expressed_phase = None
         self._diverged = False
 
     def _final_round(self) -> None:
         """The final evaluation: record it, then every rank takes the best member's weights and genes."""
-        fitness = self._gather_fitness()
+        fitness = self._gather_fitness(averaged=False)  # the weights as they are: what the user gets
         self._record_round(fitness, {})
         best = rank_members(fitness, self.greater_is_better)[0]
         broadcast_weights(self.model, src=best)
@@ -396,8 +406,11 @@ class ClanTrainer(Trainer):
         if self.args.should_save:
             write_schedule(self.args.output_dir, self.clan_schedule)
 
-    def _gather_fitness(self) -> list[float]:
-        own = math.nan if self._diverged else self._member_fitness()
+    def _gather_fitness(self, averaged: bool = True) -> list[float]:
+        """Every member's fitness, on every rank. `averaged`: at the mean of the round's last weights, if any."""
+        with self._average.swapped_in(self.model) if averaged else contextlib.nullcontext():
+            own = math.nan if self._diverged else self._member_fitness()
+        self._average.reset()
         return all_gather_floats(own)
 
     def _record_round(self, fitness: list[float], plan: dict[int, int]) -> None:
@@ -438,77 +451,16 @@ class ClanTrainer(Trainer):
 
     # ---- Fitness ----
 
-    def _fitness_dataloader(self) -> DataLoader:
-        """The whole eval set (or its first `fitness_eval_samples`), unsharded: every member sees the same data."""
-        if self._fitness_loader is None:
-            dataset, collator = self.eval_dataset, self.data_collator
-            if self.args.fitness_eval_samples is not None:
-                indices = range(min(self.args.fitness_eval_samples, len(dataset)))
-                dataset = (
-                    dataset.select(indices) if isinstance(dataset, datasets.Dataset) else Subset(dataset, indices)
-                )
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="fitness")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="fitness")
-            self._fitness_loader = DataLoader(
-                dataset,
-                batch_size=self.args.eval_batch_size,
-                collate_fn=collator,
-                num_workers=self.args.dataloader_num_workers,
-                pin_memory=self.args.dataloader_pin_memory,
-            )
-        return self._fitness_loader
+    def _average_step(self) -> None:
+        """After an optimizer step: fold the weights into the fitness average if the step is in the round's tail."""
+        window = round(self.args.fitness_average_window * self.args.round_steps)
+        if window and (self.state.global_step - 1) % self.args.round_steps >= self.args.round_steps - window:
+            self._average.update(self.model)
 
     def _member_fitness(self, batches: int | None = None) -> float:
-        """This member's fitness: its eval loss (mean over samples) or `metric_for_best_model` from compute_metrics.
-
-        Runs on this rank alone, with no collective: `Trainer.prediction_step` gathers token counts across ranks,
-        so it is not used here.
-        """
-        model = self.model
-        was_training = model.training
-        model.eval()
-        # Members compete on the plain loss, not on their own label smoothing.
-        smoother, self.label_smoother = self.label_smoother, None
-        ignore_keys = getattr(model.config, "keys_to_ignore_at_inference", []) if hasattr(model, "config") else []
-        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
-        samples = 0
-        predictions = labels = None
-        try:
-            for inputs in itertools.islice(self._fitness_dataloader(), batches):
-                inputs = self._prepare_inputs(inputs)
-                label_ids = nested_detach(tuple(inputs.get(name) for name in self.label_names))
-                with torch.no_grad(), self.compute_loss_context_manager():
-                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-                batch_size = find_batch_size(inputs)
-                samples += batch_size
-                total += loss.detach().double() * batch_size
-                if self.fitness_metric:
-                    logits = tuple(v for k, v in outputs.items() if k not in ignore_keys + ["loss"])
-                    logits = logits[0] if len(logits) == 1 else logits
-                    label_ids = label_ids[0] if len(label_ids) == 1 else label_ids
-                    if self.preprocess_logits_for_metrics is not None:
-                        logits = self.preprocess_logits_for_metrics(logits, label_ids)
-                    logits, label_ids = send_to_device((logits, label_ids), "cpu")
-                    predictions = logits if predictions is None else nested_concat(predictions, logits, -100)
-                    labels = label_ids if labels is None else nested_concat(labels, label_ids, -100)
-        finally:
-            self.label_smoother = smoother
-            model.train(was_training)
-        eval_loss = (total / max(samples, 1)).item()
-        if not self.fitness_metric:
-            return eval_loss
-        metrics = self.compute_metrics(
-            EvalPrediction(predictions=nested_numpify(predictions), label_ids=nested_numpify(labels))
-        )
-        key = self.fitness_metric.removeprefix("eval_")
-        if key not in metrics:
-            raise ValueError(
-                f"`metric_for_best_model={self.fitness_metric!r}` is not among the keys compute_metrics returned "
-                f"({sorted(metrics)}); set it to one of them."
-            )
-        return float(metrics[key])
+        if self._fitness_loader is None:
+            self._fitness_loader = fitness_dataloader(self)
+        return member_fitness(self, self._fitness_loader, batches)
 
     def _check_fitness_metric(self) -> None:
         """Fail before training, not after the first round, if compute_metrics does not produce
@@ -583,7 +535,7 @@ class ClanTrainer(Trainer):
 
         args, schedule = self.args, self.clan_schedule
         cooperative = round(args.round_steps * (1 - args.duty_cycle))
-        count = min(self.clan_size // 2, max(1, round(args.selection_fraction * self.clan_size)))  # as selection_plan
+        count = replaced_count(self.clan_size, args.selection_fraction)
         replaced = f"{count} members were replaced by mutated clones of the {count}"
         if count == 1:
             replaced = "member was replaced by a mutated clone of one"
@@ -677,6 +629,7 @@ class _RoundCallback(TrainerCallback):
             )
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._average_step()
         if state.global_step % args.round_steps == 0 and state.global_step < state.max_steps:
             self.trainer._end_round()
 

@@ -2,6 +2,20 @@
 
 Every rank holds the genomes of all members and derives each random draw from `(seed, round)`, so the selection
 plan and the mutated genomes agree across ranks without sending them; `ClanTrainer` checks that with a checksum.
+
+The search (docs/search.md explains it with its references):
+
+- **Initial spread.** Member 0 keeps the configured values; members 1..P-1 are a Latin hypercube over each gene's
+  bounds (one stratum of the bounds per member, in the gene's scale space), so a start that is 100x off already has
+  a member near the optimum in round one.
+- **Truncation selection.** The bottom fraction is replaced by clones of the top fraction; the best member is never
+  replaced.
+- **Mutation.** A clone mutates each gene's mutation scale first (log-normal self-adaptation), then the value with
+  the new scale, reflected into the bounds. Clones made in the same round come in mirrored pairs (`u + s*z`,
+  `u - s*z`), and each gene is instead drawn afresh from its bounds with probability `resample_probability`.
+- **Step-size control.** Under elitism, self-adaptation alone rewards small steps, so the scale shrinks while a gene
+  is still far from its optimum. The success rule corrects it: when a clone beats its parent on the next fitness,
+  both their scales grow; when it does not, both shrink, four times more slowly (Rechenberg's 1/5th rule).
 """
 
 from __future__ import annotations
@@ -12,6 +26,7 @@ import math
 import random
 import statistics
 import zlib
+from dataclasses import dataclass
 
 from .genes import Gene
 
@@ -21,6 +36,22 @@ Genome = dict[str, Gene]
 META_MUTATION_RATE = 0.2
 # A mutation scale stays within these fractions of the gene's bounds, so it can neither freeze nor explode.
 MIN_SCALE_FRACTION, MAX_SCALE_FRACTION = 1e-3, 0.25
+# The 1/5th success rule: a success grows a scale by exp(1/3), a failure shrinks it by exp(-1/12), so the scale is
+# stationary when one clone in five beats its parent.
+SUCCESS_GROWTH, FAILURE_SHRINK = math.exp(1 / 3), math.exp(-1 / 12)
+
+SPREADS = ("stratified", "local")
+STEP_SIZE_CONTROLS = ("success", "self_adaptive")
+
+
+@dataclass(frozen=True)
+class Search:
+    """How the clan searches: the `ClanConfig` fields of the same names."""
+
+    initial_spread: str = "stratified"
+    resample_probability: float = 0.25
+    step_size_control: str = "success"
+    mirrored: bool = True
 
 
 def make_rng(seed: int, *tags: object) -> random.Random:
@@ -37,32 +68,55 @@ def reflect(y: float, low: float, high: float) -> float:
     return low + (y if y <= width else 2 * width - y)
 
 
-def mutate(genome: Genome, rng: random.Random) -> Genome:
-    """A mutated copy: each gene's mutation scale first (log-normal), then its value with the new scale."""
+def _clamp_scale(gene: Gene, scale: float) -> float:
+    return min(max(scale, MIN_SCALE_FRACTION * gene.width), MAX_SCALE_FRACTION * gene.width)
+
+
+def _at(gene: Gene, y: float) -> float:
+    """The gene's value at point `y` of its scale space, reflected into its bounds."""
+    y = reflect(y, gene.to_space(gene.low), gene.to_space(gene.high))
+    return min(max(gene.from_space(y), gene.low), gene.high)  # exp/log round-off must not leave the bounds
+
+
+def mutate(genome: Genome, rng: random.Random, resample_probability: float = 0.0, mirror: bool = False) -> Genome:
+    """A mutated copy: each gene's mutation scale first (log-normal), then its value with the new scale.
+
+    With probability `resample_probability` a gene's value is drawn afresh, uniformly over its bounds in scale
+    space. `mirror=True` takes the same draws as the unmirrored call with the same `rng` state and steps the other
+    way (a resampled value is mirrored across the middle of the bounds), so a pair of clones explores both sides.
+    """
+    sign = -1.0 if mirror else 1.0
     child = {}
     for name in sorted(genome):
         gene = genome[name]
-        scale = gene.mutation_scale * math.exp(META_MUTATION_RATE * rng.gauss(0.0, 1.0))
-        scale = min(max(scale, MIN_SCALE_FRACTION * gene.width), MAX_SCALE_FRACTION * gene.width)
-        y = gene.to_space(gene.value) + scale * rng.gauss(0.0, 1.0)
-        y = reflect(y, gene.to_space(gene.low), gene.to_space(gene.high))
-        value = min(max(gene.from_space(y), gene.low), gene.high)  # exp/log round-off must not leave the bounds
-        child[name] = dataclasses.replace(gene, value=value, mutation_scale=scale)
+        scale = _clamp_scale(gene, gene.mutation_scale * math.exp(META_MUTATION_RATE * rng.gauss(0.0, 1.0)))
+        step = rng.gauss(0.0, 1.0)
+        resample, u = rng.random() < resample_probability, rng.random()
+        if resample:
+            y = gene.to_space(gene.low) + (u if not mirror else 1.0 - u) * gene.width
+        else:
+            y = gene.to_space(gene.value) + sign * scale * step
+        child[name] = dataclasses.replace(gene, value=_at(gene, y), mutation_scale=scale)
     return child
 
 
-def initial_clan(base: Genome, size: int, seed: int) -> list[Genome]:
-    """Member 0 keeps the configured values; the others start one mutation step around them."""
-    clan = [copy_genome(base)]
-    for member in range(1, size):
-        rng = make_rng(seed, "initial", member)
-        spread = {}
-        for name in sorted(base):
-            gene = base[name]
-            y = gene.to_space(gene.value) + gene.mutation_scale * rng.gauss(0.0, 1.0)
-            y = reflect(y, gene.to_space(gene.low), gene.to_space(gene.high))
-            spread[name] = dataclasses.replace(gene, value=min(max(gene.from_space(y), gene.low), gene.high))
-        clan.append(spread)
+def initial_clan(base: Genome, size: int, seed: int, spread: str = "stratified") -> list[Genome]:
+    """Member 0 keeps the configured values. With `spread="stratified"` the others form a Latin hypercube over the
+    bounds: for each gene, member i gets its own stratum (a random permutation per gene), at a random point inside
+    it. With `spread="local"` they start one mutation step around member 0."""
+    clan = [copy_genome(base) for _ in range(size)]
+    others = size - 1
+    for name in sorted(base):
+        gene = base[name]
+        rng = make_rng(seed, "initial", name)
+        strata = list(range(others))
+        rng.shuffle(strata)
+        for member in range(1, size):
+            if spread == "stratified":
+                y = gene.to_space(gene.low) + (strata[member - 1] + rng.random()) / others * gene.width
+            else:
+                y = gene.to_space(gene.value) + gene.mutation_scale * rng.gauss(0.0, 1.0)
+            clan[member][name] = dataclasses.replace(gene, value=_at(gene, y))
     return clan
 
 
@@ -75,16 +129,15 @@ def consensus(genomes: list[Genome], name: str) -> float:
     return statistics.fmean(genome[name].value for genome in genomes)
 
 
+def _badness(value: float, greater_is_better: bool) -> float:
+    if not math.isfinite(value):
+        return math.inf
+    return -value if greater_is_better else value
+
+
 def rank_members(fitness: list[float], greater_is_better: bool) -> list[int]:
     """Member ids from best to worst; NaN and infinite fitness rank last, ties by member id."""
-
-    def badness(member: int) -> float:
-        value = fitness[member]
-        if not math.isfinite(value):
-            return math.inf
-        return -value if greater_is_better else value
-
-    return sorted(range(len(fitness)), key=lambda m: (badness(m), m))
+    return sorted(range(len(fitness)), key=lambda m: (_badness(fitness[m], greater_is_better), m))
 
 
 def selection_plan(
@@ -96,16 +149,53 @@ def selection_plan(
     fraction of the same size, so the best member is never replaced and no clone source is itself replaced.
     """
     order = rank_members(fitness, greater_is_better)
-    count = min(len(order) // 2, max(1, round(fraction * len(order))))
+    count = replaced_count(len(order), fraction)
     top, bottom = order[:count], order[len(order) - count :]
     return {dst: rng.choice(top) for dst in sorted(bottom)}
 
 
-def reproduce(genomes: list[Genome], plan: dict[int, int], seed: int, round_index: int) -> list[Genome]:
-    """The clan's next genomes: each replaced member gets its source's genome, mutated."""
+def replaced_count(clan_size: int, fraction: float) -> int:
+    """How many members a round replaces: `fraction` of the clan, at least one and at most half."""
+    return min(clan_size // 2, max(1, round(fraction * clan_size)))
+
+
+def adapt_scales(
+    genomes: list[Genome], last_plan: dict[int, int], fitness: list[float], greater_is_better: bool
+) -> list[Genome]:
+    """The 1/5th success rule on the clones of the last selection, now that they have been evaluated.
+
+    A clone that beats its parent grows the mutation scales of both by `SUCCESS_GROWTH` (the step that found an
+    improvement is worth repeating, and larger); one that does not shrinks both by `FAILURE_SHRINK`. A parent with
+    several clones takes the geometric mean of their factors.
+    """
+    factors: dict[int, list[float]] = {}
+    for child, parent in last_plan.items():
+        success = _badness(fitness[child], greater_is_better) < _badness(fitness[parent], greater_is_better)
+        factor = math.log(SUCCESS_GROWTH if success else FAILURE_SHRINK)
+        factors.setdefault(child, []).append(factor)
+        factors.setdefault(parent, []).append(factor)
+    adapted = [copy_genome(g) for g in genomes]
+    for member, logs in factors.items():
+        factor = math.exp(statistics.fmean(logs))
+        for gene in adapted[member].values():
+            gene.mutation_scale = _clamp_scale(gene, gene.mutation_scale * factor)
+    return adapted
+
+
+def reproduce(
+    genomes: list[Genome], plan: dict[int, int], seed: int, round_index: int, search: Search = Search()
+) -> list[Genome]:
+    """The clan's next genomes: each replaced member gets its source's genome, mutated.
+
+    With `search.mirrored`, the replaced members (in id order) pair up and each pair shares its random draws, the
+    second stepping the other way; an odd one out mutates alone.
+    """
     children = [copy_genome(g) for g in genomes]
-    for dst in sorted(plan):
-        children[dst] = mutate(genomes[plan[dst]], make_rng(seed, "mutate", round_index, dst))
+    replaced = sorted(plan)
+    for i, dst in enumerate(replaced):
+        mirror = search.mirrored and i % 2 == 1
+        rng = make_rng(seed, "mutate", round_index, replaced[i - 1] if mirror else dst)
+        children[dst] = mutate(genomes[plan[dst]], rng, search.resample_probability, mirror=mirror)
     return children
 
 

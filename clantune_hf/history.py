@@ -55,6 +55,14 @@ def latest_best(records: list[dict], greater_is_better: bool) -> int:
     return last[rank_members([nan_if_none(r["fitness"]) for r in last], greater_is_better)[0]]["member"]
 
 
+def last_plan(records: list[dict]) -> dict[int, int]:
+    """The latest selection as `{replaced member: source}`: the clones being judged at the next fitness."""
+    if not records:
+        return {}
+    last = records[-1]["round"]
+    return {r["member"]: r["parent"] for r in records if r["round"] == last and r["parent"] is not None}
+
+
 def best_lineage(records: list[dict], greater_is_better: bool) -> list[dict]:
     """The records of the best final member and its ancestors, one per round, oldest first."""
     by_round: dict[int, dict[int, dict]] = {}

@@ -198,7 +198,9 @@ def check_clone(output_dir):
             and any(k.endswith(".exp_avg_sq") for k in afters[dst])
         )
     for dst, src in plan.items():
-        expected = mutate(trainer.genomes_before[src], make_rng(trainer.args.seed, "mutate", 0, dst))
+        # One clone per round here, so it is not mirrored; the first round has no earlier clones to adapt scales by.
+        rng = make_rng(trainer.args.seed, "mutate", 0, dst)
+        expected = mutate(trainer.genomes_before[src], rng, trainer.args.resample_probability)
         assert trainer.genomes[dst] == expected
         assert trainer.genomes[dst] != trainer.genomes_before[src]
     assert len(set(gather(repr(trainer.genomes)))) == 1, "every rank holds the same genomes"

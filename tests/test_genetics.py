@@ -7,9 +7,16 @@ import pytest
 
 from clantune_hf.genes import GENE_SPECS, build_gene, default_bounds, parse_gene_options
 from clantune_hf.genetics import (
+    FAILURE_SHRINK,
+    MAX_SCALE_FRACTION,
     META_MUTATION_RATE,
+    SPREADS,
+    SUCCESS_GROWTH,
+    Search,
+    adapt_scales,
     checksum,
     consensus,
+    copy_genome,
     initial_clan,
     make_rng,
     mutate,
@@ -18,6 +25,7 @@ from clantune_hf.genetics import (
     reproduce,
     selection_plan,
 )
+from clantune_hf.history import last_plan, round_records
 
 
 def genome(**values):
@@ -82,7 +90,9 @@ def test_reflect_folds_into_bounds_and_leaves_a_bound():
 def test_mutation_scale_mutates_first_then_value_with_the_new_scale():
     parent = genome(learning_rate=1e-3, dropout=0.1)
     child = mutate(parent, random.Random(7))
-    expected = random.Random(7)  # genes in sorted order: dropout, then learning_rate; scale draw, then value draw
+    # Genes in sorted order (dropout, then learning_rate); per gene: the scale's draw, the step's draw, then the
+    # resampling coin and point (unused without resampling).
+    expected = random.Random(7)
     for name in ("dropout", "learning_rate"):
         gene = parent[name]
         scale = gene.mutation_scale * math.exp(META_MUTATION_RATE * expected.gauss(0.0, 1.0))
@@ -90,10 +100,83 @@ def test_mutation_scale_mutates_first_then_value_with_the_new_scale():
             reflect(gene.to_space(gene.value) + scale * expected.gauss(0.0, 1.0), gene.to_space(gene.low),
                     gene.to_space(gene.high))
         )  # fmt: skip
+        expected.random(), expected.random()
         assert child[name].mutation_scale == pytest.approx(scale, rel=1e-12), name
         assert child[name].value == pytest.approx(value, rel=1e-12), name
         assert gene.low <= child[name].value <= gene.high
     assert parent["learning_rate"].value == 1e-3, "mutate must not change its input"
+
+
+def test_mirrored_mutation_steps_the_other_way_with_the_same_scale():
+    parent = genome(learning_rate=1e-3, weight_decay=0.05)
+    for seed in range(20):
+        child, mirror = mutate(parent, random.Random(seed)), mutate(parent, random.Random(seed), mirror=True)
+        lr = parent["learning_rate"]
+        up, down = (lr.to_space(c["learning_rate"].value) - lr.to_space(lr.value) for c in (child, mirror))
+        assert up == pytest.approx(-down, abs=1e-9), seed  # 1e-3 sits mid-bounds: no reflection
+        assert child["learning_rate"].mutation_scale == mirror["learning_rate"].mutation_scale
+
+
+def test_resampling_draws_from_the_whole_bounds():
+    parent = genome(learning_rate=1e-3)
+    lr = parent["learning_rate"]
+    values = [
+        mutate(parent, random.Random(seed), resample_probability=1.0)["learning_rate"].value for seed in range(400)
+    ]
+    # Uniform in log space over [1e-5, 1e-1]: each decade holds about a quarter of the draws.
+    decades = [sum(10 ** (k - 5) <= v < 10 ** (k - 4) for v in values) for k in range(4)]
+    assert all(60 <= d <= 140 for d in decades), decades
+    assert all(lr.low <= v <= lr.high for v in values)
+    assert mutate(parent, random.Random(0), resample_probability=0.0) == mutate(parent, random.Random(0))
+
+
+def test_success_rule_grows_scales_on_success_and_shrinks_them_on_failure():
+    clan = [genome(learning_rate=1e-3, weight_decay=0.01) for _ in range(4)]
+    start = clan[0]["learning_rate"].mutation_scale
+    # Member 3 is a clone of member 0; member 2 a clone of member 1. Lower fitness is better.
+    fitness = [0.5, 0.4, 0.6, 0.3]  # 3 beats its parent 0; 2 loses to its parent 1
+    adapted = adapt_scales(clan, {3: 0, 2: 1}, fitness, greater_is_better=False)
+    for member in (0, 3):
+        assert adapted[member]["learning_rate"].mutation_scale == pytest.approx(start * SUCCESS_GROWTH)
+    for member in (1, 2):
+        assert adapted[member]["learning_rate"].mutation_scale == pytest.approx(start * FAILURE_SHRINK)
+    assert clan[0]["learning_rate"].mutation_scale == start, "adapt_scales must not change its input"
+    # Repeated success grows a scale up to its cap; repeated failure shrinks it to its floor, 4x more slowly.
+    grown, shrunk = clan, clan
+    for _ in range(40):
+        grown = adapt_scales(grown, {3: 0}, [0.5, 0.5, 0.5, 0.1], greater_is_better=False)
+        shrunk = adapt_scales(shrunk, {3: 0}, [0.1, 0.5, 0.5, 0.5], greater_is_better=False)
+    lr = clan[0]["learning_rate"]
+    assert grown[3]["learning_rate"].mutation_scale == pytest.approx(MAX_SCALE_FRACTION * lr.width)
+    assert start * FAILURE_SHRINK**40 == pytest.approx(shrunk[3]["learning_rate"].mutation_scale)
+    assert math.log(SUCCESS_GROWTH) == pytest.approx(-4 * math.log(FAILURE_SHRINK)), "stationary at 1/5 success"
+    # NaN never succeeds; higher is better when greater_is_better.
+    failed = adapt_scales(clan, {3: 0}, [0.5, 0.5, 0.5, math.nan], greater_is_better=False)
+    assert failed[3]["learning_rate"].mutation_scale < start
+    won = adapt_scales(clan, {3: 0}, [0.5, 0.5, 0.5, 0.9], greater_is_better=True)
+    assert won[3]["learning_rate"].mutation_scale > start
+
+
+def test_success_rule_lets_a_lineage_cross_decades_where_self_adaptation_stalls():
+    """A 1+1 lineage on a one-gene problem whose optimum lies 100x above the start: the success rule reaches it,
+    self-adaptation alone under elitism does not within the same rounds."""
+
+    def lineage(control: str, seed: int) -> float:
+        clan = initial_clan(genome(learning_rate=1e-4), 2, seed, spread="local")
+        clan[1] = copy_genome(clan[0])
+        loss = lambda g: abs(math.log10(g["learning_rate"].value) + 2)  # noqa: E731 - the optimum is 1e-2
+        plan: dict[int, int] = {}
+        for round_index in range(20):
+            fitness = [loss(g) for g in clan]
+            if control == "success":
+                clan = adapt_scales(clan, plan, fitness, greater_is_better=False)
+            plan = selection_plan(fitness, False, 0.5, make_rng(seed, "select", round_index))
+            clan = reproduce(clan, plan, seed, round_index, Search(resample_probability=0.0))
+        return min(loss(g) for g in clan)
+
+    success = [lineage("success", seed) for seed in range(10)]
+    self_adaptive = [lineage("self_adaptive", seed) for seed in range(10)]
+    assert sum(success) < 0.5 * sum(self_adaptive), (success, self_adaptive)
 
 
 def test_mutation_scale_is_clamped_to_the_bounds():
@@ -105,11 +188,27 @@ def test_mutation_scale_is_clamped_to_the_bounds():
 
 def test_initial_clan_keeps_the_base_and_spreads_the_rest():
     base = genome(learning_rate=1e-3, weight_decay=0.0)
-    clan = initial_clan(base, 4, seed=42)
-    assert clan[0]["learning_rate"].value == 1e-3 and clan[0]["weight_decay"].value == 0.0
-    assert len({g["learning_rate"].value for g in clan}) == 4
-    assert clan == initial_clan(base, 4, seed=42), "every rank derives the same initial clan"
-    assert clan != initial_clan(base, 4, seed=43)
+    for spread in SPREADS:
+        clan = initial_clan(base, 4, seed=42, spread=spread)
+        assert clan[0] == base, spread
+        assert len({g["learning_rate"].value for g in clan}) == 4, spread
+        assert clan == initial_clan(base, 4, seed=42, spread=spread), "every rank derives the same initial clan"
+        assert clan != initial_clan(base, 4, seed=43, spread=spread)
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_stratified_spread_covers_the_bounds_one_stratum_per_member(size):
+    base = genome(learning_rate=1e-3, weight_decay=0.01, dropout=0.1)
+    for seed in range(5):
+        clan = initial_clan(base, size, seed=seed, spread="stratified")
+        for name, gene in base.items():
+            low, width = gene.to_space(gene.low), gene.width
+            quantiles = [(gene.to_space(g[name].value) - low) / width for g in clan[1:]]
+            strata = sorted(min(int(q * (size - 1)), size - 2) for q in quantiles)
+            assert strata == list(range(size - 1)), (name, seed, quantiles)
+    # the local spread stays near the start
+    local = initial_clan(base, 8, seed=0, spread="local")
+    assert all(abs(math.log(g["learning_rate"].value / 1e-3)) < 5 * 0.3 for g in local)
 
 
 def test_consensus_is_the_clan_mean():
@@ -141,12 +240,31 @@ def test_selection_plan_is_the_same_on_every_rank():
 
 def test_reproduce_clones_then_mutates_only_the_replaced():
     clan = initial_clan(genome(learning_rate=1e-3, weight_decay=0.01), 4, seed=0)
-    children = reproduce(clan, {3: 1}, seed=0, round_index=2)
+    search = Search(resample_probability=0.25)
+    children = reproduce(clan, {3: 1}, seed=0, round_index=2, search=search)
     assert children[:3] == clan[:3]
-    assert children[3] == mutate(clan[1], make_rng(0, "mutate", 2, 3))
+    assert children[3] == mutate(clan[1], make_rng(0, "mutate", 2, 3), 0.25)
     assert children[3] != clan[1]
     assert checksum(children, {}) != checksum(clan, {})
     assert checksum(clan, {3: 1}) != checksum(clan, {3: 0})
+
+
+def test_reproduce_mirrors_pairs_of_clones():
+    clan = initial_clan(genome(learning_rate=1e-3), 4, seed=0)
+    children = reproduce(clan, {2: 0, 3: 0}, seed=0, round_index=1, search=Search(resample_probability=0.0))
+    assert children[2] == mutate(clan[0], make_rng(0, "mutate", 1, 2))
+    assert children[3] == mutate(clan[0], make_rng(0, "mutate", 1, 2), mirror=True)
+    unmirrored = reproduce(clan, {2: 0, 3: 0}, 0, 1, Search(resample_probability=0.0, mirrored=False))
+    assert unmirrored[3] == mutate(clan[0], make_rng(0, "mutate", 1, 3))
+
+
+def test_last_plan_reads_the_latest_selection_from_the_history():
+    clan = [genome(learning_rate=1e-3) for _ in range(4)]
+    history = round_records(0, 10, [0.1, 0.2, 0.3, 0.4], clan, {3: 0})
+    assert last_plan(history) == {3: 0}
+    history += round_records(1, 20, [0.1, 0.2, 0.3, 0.4], clan, {2: 1, 3: 0})
+    assert last_plan(history) == {2: 1, 3: 0}
+    assert last_plan([]) == {}
 
 
 def test_default_bounds_cover_a_tenfold_error():

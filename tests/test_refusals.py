@@ -34,6 +34,15 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"selection_fraction": 0.75}, "selection_fraction"),
         ({"selection_fraction": float("nan")}, "selection_fraction"),
         ({"fitness_eval_samples": 0}, "fitness_eval_samples"),
+        # The search
+        ({"initial_spread": "uniform"}, "initial_spread"),
+        ({"step_size_control": "cma"}, "step_size_control"),
+        ({"resample_probability": 1.5}, "resample_probability"),
+        ({"resample_probability": -0.1}, "resample_probability"),
+        ({"resample_probability": "0.25"}, "resample_probability"),
+        ({"mirrored_clones": "yes"}, "mirrored_clones"),
+        ({"fitness_average_window": 1.5}, "fitness_average_window"),
+        ({"fitness_average_window": float("nan")}, "fitness_average_window"),
         ({"fitness_eval_samples": 8.5}, "fitness_eval_samples"),
         # The genes field
         ({"genes": []}, "genes"),

@@ -24,7 +24,7 @@ from testing_utils import PatternDataset, free_port, run_clan, tiny_gpt2
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from clantune_hf import ClanConfig, ClanTrainer
-from clantune_hf.checkpoint import CLAN_DIR, CLAN_NAME, member_dir
+from clantune_hf.checkpoint import CLAN_DIR, CLAN_NAME, MEMBER_AVERAGE, member_dir
 from clantune_hf.history import read_history
 
 MAX_STEPS, ROUND_STEPS, SAVE_STEPS = 24, 4, 6
@@ -47,12 +47,13 @@ class _Hang(TrainerCallback):
 
 def train(output_dir: str, hang_at: int | None = None, resume: bool = False) -> None:
     """A 2-member clan that checkpoints every 6 steps (mid-round) over 6 rounds of 4 steps, half of them competitive.
-    Dropout is on, so the resumed run matches only if every rank's RNG is restored too."""
+    Dropout is on, so the resumed run matches only if every rank's RNG is restored too. Fitness averages the last 3
+    steps of each round, so checkpoint-6 falls inside the window and must carry the running average."""
     args = ClanConfig(
         output_dir=output_dir, round_steps=ROUND_STEPS, duty_cycle=0.5, max_steps=MAX_STEPS, save_strategy="steps",
         save_steps=SAVE_STEPS, save_total_limit=2, learning_rate=3e-3, per_device_train_batch_size=4,
         per_device_eval_batch_size=16, genes=["learning_rate", "weight_decay", "adam_beta2", "dropout"], seed=3,
-        report_to="none", disable_tqdm=True, logging_steps=100,
+        report_to="none", disable_tqdm=True, logging_steps=100, fitness_average_window=0.75,
     )  # fmt: skip
     trainer = ClanTrainer(
         model=tiny_gpt2(dropout=0.1), args=args, train_dataset=PatternDataset(40), eval_dataset=PatternDataset(16, 1)
@@ -119,6 +120,10 @@ def test_killed_clan_resumes_exactly(tmp_path):
     before = read_history(killed)
     assert rounds(before) == [0, 1], "round 1 was recorded after checkpoint-6, before the kill"
     assert sorted(os.listdir(killed)) == ["checkpoint-6", "clan_history.jsonl", "hanging-0", "hanging-1"]
+    for member in (0, 1):  # step 6 is inside round 1's averaging window (steps 6-8): the running mean is saved
+        average = safetensors.torch.load_file(os.path.join(member_dir(os.path.join(killed, "checkpoint-6"), member),
+                                                            MEMBER_AVERAGE))  # fmt: skip
+        assert int(average["count"]) == 1 and len(average) > 1
     # A checkpoint that the kill interrupted while it was written (no trainer_state.json) must be passed over.
     os.makedirs(member_dir(os.path.join(killed, "checkpoint-12"), 0))
 
