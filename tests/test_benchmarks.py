@@ -3,11 +3,13 @@ they produce are not checked here, only the shape of what they write."""
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 
 import torch
+from transformers import EvalPrediction
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
@@ -29,55 +31,157 @@ def load_suite():
 
 def test_schedule_suite_tiny(tmp_path):
     out = tmp_path / "suite"
-    stdout = run_script("schedule_suite.py", "--tiny", "--problems", "lm_lr_low,cls_overfit", "--out", str(out))
+    stdout = run_script(
+        "schedule_suite.py", "--tiny", "--problems", "lm_lr_low,cls_metric", "--seeds", "0,1", "--variants",
+        "no_resample", "--ray-problems", "cls_metric", "--out", str(out),
+    )  # fmt: skip
 
     with open(out / "results.json") as f:
         results = json.load(f)
-    assert set(results["problems"]) == {"lm_lr_low", "cls_overfit"}
+    assert set(results["problems"]) == {"lm_lr_low", "cls_metric"}
+    assert results["settings"]["seeds"] == [0, 1] and results["settings"]["ray_seeds"] == [0]
+    assert results["settings"]["ray_problems"] == ["cls_metric"]
     for name, problem in results["problems"].items():
         methods = problem["methods"]
         assert set(methods) == {"default", "clan", "pbt", "pbt_ray", "schedule_free", "oracle"}, name
         for method, result in methods.items():
             assert {"fitness", "gap_closed", "samples", "wall_s"} <= set(result), (name, method, result)
-        ran = ["default", "clan", "pbt", "oracle"]
-        if importlib.util.find_spec("schedulefree") is not None:
-            ran.append("schedule_free")
-        for method in ran:
+        for method in ["default", "clan", "pbt", "oracle", "schedule_free"]:  # the test extra installs schedulefree
             result = methods[method]
             assert result["status"] == "ok", (name, method, result.get("status"), result.get("log_tail"))
             assert isinstance(result["fitness"], float) and isinstance(result["wall_s"], float), (name, method)
             assert result["samples"] > 0 and result["curve"] and result["lr_schedule"], (name, method)
+        # The population methods ran once per seed; the table's numbers are the mean over those seeds.
+        for method in ("clan", "pbt"):
+            result = methods[method]
+            assert result["seeds"] == [0, 1] and set(result["per_seed"]) == {"0", "1"}, (name, method)
+            fitness = [r["fitness"] for r in result["per_seed"].values()]
+            assert all(isinstance(f, float) for f in fitness), (name, method, result["per_seed"])
+            assert abs(result["fitness"] - sum(fitness) / 2) < 1e-9, (name, method)
+            assert result["fitness_sd"] is not None, (name, method)
+            for seed in ("seed0", "seed1"):
+                history = out / "runs" / name / method / seed / "clan_history.jsonl"
+                assert history.exists() and (history.parent / "clan_schedule.json").exists(), history
+        if problem["greater_is_better"]:
+            assert 0.0 <= methods["default"]["fitness"] <= 1.0, "accuracy"
         assert methods["default"]["gap_closed"] in (0.0, None)
         assert methods["oracle"]["grid_points"] == len(methods["oracle"]["grid"]) >= 2
         assert methods["oracle"]["samples"] == methods["oracle"]["grid_points"] * methods["default"]["samples"]
-        assert len(methods["clan"]["lr_schedule"]) == results["settings"]["steps"]
-        if importlib.util.find_spec("ray") is None:
+        assert len(methods["clan"]["lr_schedule"]) == problem["steps"]
+        if name != "cls_metric":
             assert methods["pbt_ray"]["status"].startswith("not run"), methods["pbt_ray"]
+        else:  # ray ranks trials on the problem's accuracy there
+            pbt_ray = methods["pbt_ray"]
+            assert pbt_ray["status"] == "ok", (
+                pbt_ray["status"],
+                pbt_ray.get("per_seed", {}).get("0", {}).get("log_tail"),
+            )
+            assert pbt_ray["seeds"] == [0] and 0.0 <= pbt_ray["fitness"] <= 1.0, pbt_ray
+        variant = problem["variants"]["no_resample"]
+        assert variant["overrides"] == {"resample_probability": 0.0}
+        if variant["status"].startswith("not run"):  # the field is not in this version of ClanConfig
+            assert "resample_probability" in variant["status"]
+        else:
+            assert variant["status"] == "ok" and variant["seeds"] == [0, 1], variant.get("status")
+            assert isinstance(variant["fitness"], float)
+        assert set(results["ablation"][name]) == {"clan", "no_resample"}
         assert (out / f"{name}.png").stat().st_size > 0
-        history = out / "runs" / name / "clan" / "clan_history.jsonl"
-        assert history.exists() and (history.parent / "clan_schedule.json").exists()
     assert "| problem | default | clan | pbt |" in stdout
-    assert "gap_closed ≥ 0.9" in stdout
+    assert "gap_closed ≥ 0.9" in stdout and "median gap_closed" in stdout and "clan ≥ this method" in stdout
+    assert "cls_metric (test accuracy, higher is better)" in stdout
+    assert "## Ablations" in stdout and "| problem | clan | no_resample |" in stdout
+    table = (out / "table.md").read_text()
+    assert "| problem | default | clan | pbt |" in table and "| problem | clan | no_resample |" in table
+
+
+def _result(fitness: list[float], gap: list[float | None], harm: list[float | None]) -> dict:
+    """A method's entry in results.json as the suite writes it (seeded when given more than one value)."""
+    suite = load_suite()
+    per_seed = {
+        str(seed): {"status": "ok", "fitness": f, "gap_closed": g, "harm": h, "wall_s": 1.0, "samples": 10}
+        for seed, (f, g, h) in enumerate(zip(fitness, gap, harm, strict=True))
+    }
+    return per_seed["0"] if len(per_seed) == 1 else suite._aggregate(per_seed)
+
+
+def test_tables_aggregate_seeds_and_count_per_method():
+    """The table's arithmetic, on made-up results: mean ± sd over seeds, the per-method count rows, harm on the
+    do-no-harm problem, and the ablation table's columns and last row."""
+    suite = load_suite()
+
+    def problem(do_no_harm: bool, default: float, clan: list[float], pbt: list[float], oracle: float) -> dict:
+        ref = {"default": default, "oracle": oracle}
+
+        def scored(values):
+            gaps = [suite.gap_closed(default, v, oracle, False) for v in values]
+            return _result(values, gaps, [suite.harm(default, v, False) for v in values])
+
+        methods = {m: scored([v]) for m, v in ref.items()} | {"clan": scored(clan), "pbt": scored(pbt)}
+        variant = {"overrides": {"x": 1}, **scored([clan[0] + 0.5, clan[1] + 0.5])}
+        return {"metric": "test loss", "greater_is_better": False, "do_no_harm": do_no_harm, "methods": methods,
+                "variants": {"v": variant}}  # fmt: skip
+
+    results = {
+        "settings": {"seed": 0, "seeds": [0, 1]},
+        "problems": {
+            "a": problem(False, 2.0, [0.9, 1.1], [1.5, 1.5], 1.0),  # clan gap 1.1 and 0.9: mean 1.0
+            "b": problem(False, 3.0, [2.9, 2.9], [1.9, 2.1], 2.0),  # clan gap 0.1, pbt 1.0
+            "c": problem(True, 2.0, [2.01, 2.01], [2.1, 2.1], 2.0),  # start = oracle: harm +0.5% and +5%
+        },
+    }
+    clan = results["problems"]["a"]["methods"]["clan"]
+    assert abs(clan["fitness"] - 1.0) < 1e-9 and abs(clan["gap_closed"] - 1.0) < 1e-9 and clan["gap_closed_sd"] > 0
+    table = suite.markdown_table(results)
+    lines = table.splitlines()
+    assert "| problem | default | clan | pbt | oracle |" in lines
+    assert (
+        "| a | 2.0000 (+0.00) | 1.0000 ± 0.1414 (+1.00 ± 0.14) | 1.5000 ± 0.0000 (+0.50 ± 0.00) | 1.0000 (+1.00) |"
+        in lines
+    )
+    assert "harm +0.5 ± 0.0%" in table
+    assert "| **gap_closed ≥ 0.9** (mean over seeds) | 0/2 | 1/2 | 1/2 | 2/2 |" in lines
+    assert "| **median gap_closed** | +0.00 | +0.55 | +0.75 | +1.00 |" in lines
+    assert "| **clan ≥ this method** (mean score) | 2/3 | – | 2/3 | 1/3 |" in lines
+    assert "| **harm ≤ 1%** (do-no-harm problems) | 1/1 | 1/1 | 0/1 | 1/1 |" in lines
+    ablation = suite.ablation_table(results).splitlines()
+    assert "| problem | clan | v |" in ablation
+    assert ablation[-1] == "| **gap_closed ≥ 0.9; median** | 1/2; median +0.55 | 0/2; median +0.05 |"
+    assert len([line for line in ablation if line.startswith("|")]) == 2 + 3 + 1  # header, rule, problems, counts
 
 
 def test_every_problem_builds_and_trains_a_step(tmp_path):
-    """The problems the tiny run above skips: their data, model and (for fine-tuning) pretrained start build, and
-    the model takes a finite loss on its data with every model setting of the oracle grid."""
+    """Every problem, including those the tiny run above skips: its data, model and (for fine-tuning) pretrained
+    start build, and the model takes a finite loss on its data with every model setting of the oracle grid."""
     suite = load_suite()
     settings = suite.Settings(**suite.SUITES["tiny"], cache_dir=str(tmp_path))
+    quick, full = (suite.Settings(**suite.SUITES[name]) for name in ("quick", "full"))
+    assert len(suite.PROBLEMS) >= 10
     for name, problem in suite.PROBLEMS.items():
+        assert problem.mis_set, name
         if problem.setup is not None:
             problem.setup(settings)
-        train, val, test = problem.make_data(settings)
+        train, val, test = problem.make_data(suite.problem_settings(problem, settings))
         assert min(len(train), len(val), len(test)) >= 16, name
         for point in suite.oracle_grid(problem, settings)[:1] + [{}]:
             _, model_kwargs = suite._training_fields(problem, point, settings)
             model = problem.make_model(settings, **model_kwargs)
             batch = {key: torch.stack([train[i][key] for i in range(4)]) for key in train[0]}
-            loss = model(**batch).loss
-            loss.backward()
-            assert torch.isfinite(loss), (name, point)
-        assert suite.oracle_grid(problem, suite.Settings(**suite.SUITES["full"])), name
+            outputs = model(**batch)
+            outputs.loss.backward()
+            assert torch.isfinite(outputs.loss), (name, point)
+            if problem.compute_metrics is not None:
+                prediction = EvalPrediction(
+                    predictions=outputs.logits.detach().numpy(), label_ids=batch["labels"].numpy()
+                )
+                assert problem.metric_key in problem.compute_metrics(prediction), name
+                assert 0.0 <= problem.scorer(model, val) <= 1.0, name
+        assert suite.oracle_grid(problem, full), name
+        assert len(suite.oracle_grid(problem, quick)) <= 6, name  # keeps --quick within its time budget
+        if problem.do_no_harm:  # the start is one of the grid's points, in both grids
+            for grid in (quick, full):
+                assert any({**problem.start, **point} == problem.start for point in suite.oracle_grid(problem, grid))
+    horizon = suite.problem_settings(suite.PROBLEMS["lm_long_horizon"], quick)
+    assert horizon.steps // horizon.round_steps >= 40
 
 
 def test_overhead_tiny(tmp_path):
@@ -97,3 +201,22 @@ def test_overhead_tiny(tmp_path):
     assert exchange["bytes_per_exchange"] == exchange["clone_bytes_expected"], exchange
     assert set(result["targets"]) == {"cooperative_step_within_3pct_of_ddp", "selection_exchange_under_2pct_of_round"}
     assert "overhead_ratio" in stdout
+
+
+def test_ray_pbt_tiny(tmp_path):
+    """Ray Tune's PBT baseline (`pbt_ray`) runs end to end at the tiny budget and is scored like every other method:
+    its best trial's final model on the test split. The test extra installs ray, so this never skips."""
+    suite = load_suite()
+    settings = suite.Settings(**suite.SUITES["tiny"], cache_dir=str(tmp_path / "cache"))
+    # cls_overfit mutates all three kinds of gene: a log-scale one (learning_rate), a linear one with a custom bound
+    # (weight_decay) and the model's dropout.
+    result = suite._run("cls_overfit", "pbt_ray", {}, settings, str(tmp_path / "pbt_ray"))
+
+    assert result["status"] == "ok", (result.get("status"), result.get("log_tail"))
+    assert isinstance(result["fitness"], float) and math.isfinite(result["fitness"]), result["fitness"]
+    assert math.isfinite(result["val_fitness"]) and result["eval_samples"] > 0
+    # Synchronous PBT trains exactly the clan's budget: P trials x steps x per-device batch.
+    assert result["samples"] == settings.steps * settings.global_batch, result["samples"]
+    assert result["curve"] and result["curve"][-1][0] == settings.steps, result["curve"]
+    assert len(result["lr_schedule"]) == settings.steps
+    assert set(result["hyperparameters"]) == {"learning_rate", "weight_decay", "dropout"}

@@ -16,6 +16,9 @@ def test_defaults(tmp_path):
     assert list(args.genes) == ["learning_rate", "weight_decay"]
     assert args.ddp_broadcast_buffers is False
     assert isinstance(args, TrainingArguments)
+    search = (args.initial_spread, args.step_size_control, args.mirrored_clones, args.resample_probability)
+    assert search == ("stratified", "success", True, 0.25)
+    assert (args.selection_fraction, args.fitness_average_window) == (0.25, 0.5)
 
 
 def test_the_contract_example(tmp_path):
@@ -60,6 +63,19 @@ def test_command_line_takes_names_and_json(tmp_path):
         ["--output_dir", str(tmp_path), "--genes", '{"learning_rate": {"low": 1e-5, "high": 1e-2}}']
     )
     assert args.genes == {"learning_rate": {"low": 1e-5, "high": 1e-2}}
+
+
+def test_command_line_sets_the_search(tmp_path):
+    parser = HfArgumentParser(ClanConfig)
+    argv = (
+        f"--output_dir {tmp_path} --initial_spread local --step_size_control self_adaptive --mirrored_clones False "
+        "--resample_probability 0.1 --fitness_average_window 0"
+    ).split()
+    (args,) = parser.parse_args_into_dataclasses(argv)
+    assert (args.initial_spread, args.step_size_control, args.mirrored_clones) == ("local", "self_adaptive", False)
+    assert (args.resample_probability, args.fitness_average_window) == (0.1, 0.0)
+    with pytest.raises(SystemExit):  # argparse names the field and its choices
+        parser.parse_args_into_dataclasses(f"--output_dir {tmp_path} --initial_spread uniform".split())
 
 
 def test_config_round_trips_through_to_dict(tmp_path):
