@@ -167,7 +167,9 @@ class MarkovText(Dataset):
 class BagOfTokens(Dataset):
     """Random token sequences scored by a fixed linear bag-of-tokens rule.
 
-    `kind="classify"`: label 1 when the score is positive, each label flipped with probability `noise`.
+    `kind="classify"`: label 1 when the score is positive, each label flipped with probability `noise`. The rule's
+    token weights do not average to zero, so ~90% of the labels are 0; `balanced=True` centers them for a ~50/50
+    split (a classifier judged by accuracy then cannot score well by always answering the majority class).
     `kind="regress"`: the standardized score as target, plus with probability `outlier_rate` a heavy outlier of
     size `outlier_scale` (train split only; evaluation targets are clean).
     """
@@ -181,9 +183,12 @@ class BagOfTokens(Dataset):
         noise: float = 0.0,
         outlier_rate: float = 0.0,
         outlier_scale: float = 0.0,
+        balanced: bool = False,
     ):
         rule = torch.Generator().manual_seed(1234)
         weights = torch.randn(VOCAB, generator=rule)
+        if balanced:
+            weights = weights - weights.mean()
         g = torch.Generator().manual_seed(seed)
         self.input_ids = torch.randint(0, VOCAB, (size, seq_len), generator=g)
         score = weights[self.input_ids].sum(-1) / (seq_len**0.5)
@@ -234,13 +239,16 @@ def tiny_llama(seq_len: int = 32, width: int = 32, layers: int = 2, seed: int = 
     return LlamaForCausalLM(config)
 
 
-def tiny_bert(num_labels: int, seq_len: int = 16, width: int = 32, dropout: float = 0.0, seed: int = 0):
+def tiny_bert(
+    num_labels: int, seq_len: int = 16, width: int = 32, layers: int = 2, dropout: float = 0.0, seed: int = 0
+):
+    """A tiny BERT classifier (or regressor with `num_labels=1`)."""
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * width,
-        max_position_embeddings=seq_len, num_labels=num_labels, hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout, problem_type="regression" if num_labels == 1 else None,
-        pad_token_id=0,
+        vocab_size=VOCAB, hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * width, max_position_embeddings=seq_len, num_labels=num_labels,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        problem_type="regression" if num_labels == 1 else None, pad_token_id=0,
     )  # fmt: skip
     return BertForSequenceClassification(config)
 
@@ -261,6 +269,26 @@ def mean_loss(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64) ->
         count += len(batch["labels"])
     model.train(was_training)
     return total / count
+
+
+@torch.no_grad()
+def mean_accuracy(model: torch.nn.Module, dataset: Dataset, batch_size: int = 64) -> float:
+    """The classifier's accuracy over `dataset` (argmax of the logits), in one process."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = default_data_collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        labels = batch.pop("labels")
+        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
+    model.train(was_training)
+    return correct / len(dataset)
+
+
+def accuracy_metrics(prediction) -> dict[str, float]:
+    """`compute_metrics` for a classifier: the same accuracy `mean_accuracy` scores, from an `EvalPrediction`."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((logits.argmax(-1) == prediction.label_ids).mean())}
 
 
 def lr_shape(lr_scheduler_type: str, warmup_steps: int, max_steps: int) -> list[float]:

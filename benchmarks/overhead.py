@@ -83,9 +83,9 @@ class TimedClanTrainer(ClanTrainer):
         self._pending = 0.0
         self._fitness_s = 0.0
 
-    def _gather_fitness(self):
+    def _gather_fitness(self, *args, **kwargs):
         start = time.perf_counter()
-        fitness = super()._gather_fitness()
+        fitness = super()._gather_fitness(*args, **kwargs)
         self._fitness_s = time.perf_counter() - start
         return fitness
 

@@ -1,28 +1,65 @@
-"""Does a clan find near-optimal schedules at DDP cost? Five offline problems, each started from a deliberately
-mis-set but trainable configuration, trained side by side by every method at the same optimizer steps and the same
-data per step as a P-way DDP run:
+"""Does a clan find near-optimal schedules at DDP cost? Twelve offline problems, each started from a deliberately
+mis-set but trainable configuration (one, `well_tuned`, from the oracle's own best point, as a do-no-harm check),
+trained side by side by every method at the same optimizer steps and the same data per step as a P-way DDP run.
+
+Problems (`--problems`; each one's `mis_set` says what is wrong with its start):
+
+    lm_lr_low          causal LM, learning rate 10x too low
+    lm_lr_high         causal LM, constant learning rate far too high for its budget
+    cls_overfit        small noisy classification set, no dropout or weight decay
+    finetune_shape     fine-tuning a pretrained LM on a shifted language with a constant learning rate
+    regress_clip       regression with rare huge outliers, gradient clipping too loose
+    lm_lr_100x_low     causal LM, learning rate 100x too low
+    lm_lr_too_high     causal LM, learning rate past the edge of stability (linear decay): it trains, slowly
+    wd_too_strong      causal LM, AdamW weight decay 10 where 0 is best
+    well_tuned         causal LM started at the oracle's best point: the clan should do no harm
+    lm_long_horizon    causal LM, learning rate 20-40x too low, linear decay, 40+ rounds (short-horizon bias)
+    warmup_decay       noisy regression at a constant learning rate: the best schedule decays (strongly time-varying)
+    cls_metric         classifier ranked by accuracy (compute_metrics), constant learning rate where a decay is best
+
+Methods (`--methods`):
 
     default        plain `Trainer`, the starting configuration, per-device batch x P on one process
     clan           `ClanTrainer`, P members (P real gloo ranks)
     pbt            `ClanTrainer` with duty_cycle=1.0: P members that never share gradients (P real gloo ranks)
-    pbt_ray        Ray Tune's PopulationBasedTraining through `Trainer.hyperparameter_search(backend="ray")`, only
-                   when ray is installed (`pip install -e ".[bench-ray]"`); otherwise reported as not run
+    pbt_ray        Ray Tune's PopulationBasedTraining (benchmarks/ray_pbt.py): P plain `Trainer` trials, synchronous
+                   PBT over the clan's genes and bounds, only when ray is installed (`pip install -e ".[bench-ray]"`);
+                   otherwise reported as not run
     schedule_free  `Trainer` with optim="schedule_free_adamw" at the starting learning rate
-    oracle         the best point (by validation loss) of a grid over learning rate x schedule shape (x the
+    oracle         the best point (by validation loss or metric) of a grid over learning rate x schedule shape (x the
                    problem's other key gene), every point at the same budget; its summed compute is reported
 
-Every method is scored the same way: its final model's loss on a held-out test split that neither selection nor the
-oracle's choice ever saw (the clan ranks members, and the oracle picks its grid point, on the validation split).
-`gap_closed = (default - method) / (default - oracle)`: 1 matches the tuned oracle, 0 is no better than the start.
-The proposal's bar is gap_closed >= 0.9 on 90% of problems.
+Seeds (`--seeds`, default 0 for the full suite, 0,1,2 for --quick): clan, pbt and every variant run once per seed
+(the seed orders the data and drives dropout and the clan's mutations); pbt_ray runs at the first seed unless
+`--ray-seeds` says otherwise, on the problems `--ray-problems` names. default, schedule_free and the oracle grid run
+at seed 0 only: every model starts from a fixed initialization, so they are the fixed reference each seed of a
+population method is measured against.
+
+Every method is scored the same way: its final model's loss (or, for `cls_metric`, accuracy) on a held-out test split
+that neither selection nor the oracle's choice ever saw (the clan ranks members, and the oracle picks its grid
+point, on the validation split). Per seed, `gap_closed = (default - method) / (default - oracle)` against the seed-0
+default and oracle: 1 matches the tuned oracle, 0 is no better than the start (sign flipped for accuracy). For
+`well_tuned` the start is the oracle, so there is no gap; it reports `harm = (method - default) / |default|`
+(positive is worse; for accuracy the sign flips), and the bar there is harm <= 1%. The table shows mean ± sd over
+seeds. The proposal's bar is gap_closed >= 0.9 on 90% of problems.
+
+Ablations (`--variants`): each name in `VARIANTS` is the clan with some `ClanConfig` fields overridden, run at the
+same seeds and budget as `clan`; a second table gives every variant's gap_closed beside the full method's.
 
     pip install -e ".[bench]"
-    python benchmarks/schedule_suite.py --quick --out bench_out/quick     # <= 15 min on 2 CPU cores
-    python benchmarks/schedule_suite.py --out bench_out/full              # <= 90 min on 2 CPU cores
+    python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~27 min on 2 CPU cores
+    python benchmarks/schedule_suite.py --out bench_out/full               # 1 seed
+    python benchmarks/schedule_suite.py --quick --methods default,clan,oracle --variants all --out bench_out/ablation
+    python benchmarks/schedule_suite.py --quick --problems lm_lr_low,well_tuned --seeds 0,1 --out bench_out/some
 
-Writes DIR/results.json, DIR/<problem>.png (eval curves of every method, the clan's discovered learning-rate
-schedule beside the oracle's) and prints a markdown table. Each run's own files (clan_history.jsonl,
-clan_schedule.json, one log per rank) stay under DIR/runs/.
+On 2 CPU cores a quick problem takes ~1.5 min for everything but pbt_ray (lm_long_horizon ~2.5 min), ~20 min for
+all twelve. pbt_ray costs ~2 min per problem at one seed (Ray restarts every trial's worker process at every
+perturbation), several times that on lm_long_horizon's 40 rounds, so --quick runs it on four problems only
+(`DEFAULT_RAY_PROBLEMS`; `--ray-problems all` for every one): ~27 min in all.
+
+Writes DIR/results.json (every seed's result), DIR/table.md (the tables printed at the end), DIR/<problem>.png
+(eval curves of every method, the clan's discovered learning-rate schedule beside the oracle's; other seeds faint).
+Each run's own files (clan_history.jsonl, clan_schedule.json, one log per rank) stay under DIR/runs/.
 """
 
 from __future__ import annotations
@@ -34,7 +71,9 @@ import itertools
 import json
 import math
 import os
+import resource
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,12 +86,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import (  # noqa: E402
     BagOfTokens,
     MarkovText,
+    accuracy_metrics,
     causal_lm_loss,
     cpu_cores,
     launch,
     log_tail,
     lr_shape,
     markov_table,
+    mean_accuracy,
     mean_loss,
     mixed_table,
     tiny_bert,
@@ -60,10 +101,29 @@ from bench_utils import (  # noqa: E402
     tiny_llama,
     write_json,
 )
+from ray_pbt import run_ray_pbt  # noqa: E402  (pbt_ray; imports ray only when it runs)
 
 METHODS = ["default", "clan", "pbt", "pbt_ray", "schedule_free", "oracle"]
+# Population methods: their outcome depends on the seed, so they run once per seed.
+SEEDED = ("clan", "pbt", "pbt_ray")
 OPTIONAL = {"pbt_ray": ("ray", "bench-ray"), "schedule_free": ("schedulefree", "bench")}  # method: (package, extra)
 GAP_BAR = 0.9
+HARM_BAR = 0.01  # the do-no-harm problem: the clan's final score within 1% of the (already optimal) start
+# Ablations: the clan with these ClanConfig fields overridden.
+VARIANTS: dict[str, dict] = {
+    # Each rule of the search switched off alone (docs/search.md), then all of them: the search before them.
+    "no_spread": {"initial_spread": "local"},
+    "no_success_rule": {"step_size_control": "self_adaptive"},
+    "no_resample": {"resample_probability": 0.0},
+    "no_averaging": {"fitness_average_window": 0.0},
+    "none": {
+        "initial_spread": "local", "step_size_control": "self_adaptive", "resample_probability": 0.0,
+        "mirrored_clones": False, "fitness_average_window": 0.0,
+    },  # fmt: skip
+}
+DEFAULT_SEEDS = {"full": "0", "quick": "0,1,2", "tiny": "0"}
+# `--ray-problems a,b` limits pbt_ray (the slowest method: Ray starts a worker process per trial) to some problems.
+DEFAULT_RAY_PROBLEMS = {"full": "all", "quick": "all", "tiny": "all"}
 
 
 @dataclass
@@ -98,7 +158,12 @@ SUITES = {
 @dataclass
 class Problem:
     """A training problem with a mis-set start. `start` holds `TrainingArguments` fields (`warmup` is a fraction of
-    the run); `dropout` in `start` or in an oracle axis goes to the model instead."""
+    the run); `dropout` in `start` or in an oracle axis goes to the model instead.
+
+    `metric_key` names the `compute_metrics` key that ranks clan members and picks the oracle's grid point (None: the
+    loss); `scorer(model, dataset)` scores every method's final model on the test split. `steps_scale` and
+    `round_steps_scale` stretch the suite's budget for this problem (every method gets the stretched one).
+    `do_no_harm` marks a start that is already the oracle's best point: it is judged by harm, not gap_closed."""
 
     name: str
     mis_set: str
@@ -111,12 +176,27 @@ class Problem:
     setup: Callable[[Settings], None] | None = None
     metric: str = "test loss"
     greater_is_better: bool = False
+    metric_key: str | None = None
+    compute_metrics: Callable | None = None
+    scorer: Callable[[torch.nn.Module, torch.utils.data.Dataset], float] = mean_loss
+    steps_scale: float = 1.0
+    round_steps_scale: float = 1.0
+    do_no_harm: bool = False
 
 
-def _lm_data(settings: Settings, table_seed: int = 0):
+def problem_settings(problem: Problem, settings: Settings) -> Settings:
+    """The suite's settings with this problem's budget: more steps and/or shorter rounds."""
+    return dataclasses.replace(
+        settings,
+        steps=round(settings.steps * problem.steps_scale),
+        round_steps=max(1, round(settings.round_steps * problem.round_steps_scale)),
+    )
+
+
+def _lm_data(settings: Settings, table_seed: int = 0, val_size: int = 512):
     table = markov_table(table_seed)
     train = MarkovText(table, settings.size(settings.steps * settings.global_batch), seed=1)
-    return train, MarkovText(table, settings.size(512), seed=2), MarkovText(table, settings.size(1024), seed=3)
+    return train, MarkovText(table, settings.size(val_size), seed=2), MarkovText(table, settings.size(1024), seed=3)
 
 
 def _finetune_data(settings: Settings):
@@ -166,6 +246,27 @@ def _regress_data(settings: Settings):
     return train, val, test
 
 
+def _warmup_data(settings: Settings):
+    # Every training target carries unit Gaussian noise (evaluation targets are clean): a constant learning rate keeps
+    # the weights jittering around the solution, so what is left at the end is set by how far the rate decays.
+    train = BagOfTokens(
+        settings.size(settings.steps * settings.global_batch), seed=51, kind="regress", outlier_rate=1.0,
+        outlier_scale=1.0,
+    )  # fmt: skip
+    val, test = BagOfTokens(settings.size(512), 52, "regress"), BagOfTokens(settings.size(1024), 53, "regress")
+    return train, val, test
+
+
+def _metric_data(settings: Settings):
+    # Balanced classes, noisy training labels, clean evaluation labels: accuracy measures the rule the model learned,
+    # and 2048 test samples keep its standard error under 1%.
+    train = BagOfTokens(
+        settings.size(settings.steps * settings.global_batch), seed=41, kind="classify", noise=0.1, balanced=True
+    )
+    val = BagOfTokens(settings.size(512), 42, "classify", balanced=True)
+    return train, val, BagOfTokens(settings.size(2048), 43, "classify", balanced=True)
+
+
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in [
@@ -180,7 +281,7 @@ PROBLEMS: dict[str, Problem] = {
                 "learning_rate": [1e-3, 3e-3, 1e-2, 3e-2, 6e-2],
                 "lr_scheduler_type": ["linear", "cosine", "constant"],
             },
-            oracle_quick={"learning_rate": [1e-3, 3e-3, 1e-2, 3e-2], "lr_scheduler_type": ["linear", "constant"]},
+            oracle_quick={"learning_rate": [1e-3, 1e-2, 3e-2], "lr_scheduler_type": ["linear", "constant"]},
         ),
         Problem(
             name="lm_lr_high",
@@ -193,7 +294,7 @@ PROBLEMS: dict[str, Problem] = {
                 "learning_rate": [1e-3, 3e-3, 1e-2, 3e-2, 0.1],
                 "lr_scheduler_type": ["constant", "linear", "cosine"],
             },
-            oracle_quick={"learning_rate": [3e-3, 1e-2, 3e-2, 0.1], "lr_scheduler_type": ["constant", "linear"]},
+            oracle_quick={"learning_rate": [1e-2, 3e-2, 0.1], "lr_scheduler_type": ["constant", "linear"]},
         ),
         Problem(
             name="cls_overfit",
@@ -243,6 +344,115 @@ PROBLEMS: dict[str, Problem] = {
                 "max_grad_norm": [10.0, 1.0, 0.1],
             },
         ),
+        Problem(
+            name="lm_lr_100x_low",
+            mis_set="causal LM (tiny Llama, another Markov table), learning rate 3e-4: 100x too low",
+            make_model=lambda s: tiny_llama(),
+            make_data=lambda s: _lm_data(s, table_seed=5),
+            start=dict(learning_rate=3e-4, lr_scheduler_type="linear", warmup=0.05),
+            genes=["learning_rate"],
+            oracle={
+                "learning_rate": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 6e-2],
+                "lr_scheduler_type": ["linear", "cosine"],
+            },
+            oracle_quick={"learning_rate": [3e-4, 3e-3, 1e-2, 3e-2, 6e-2], "lr_scheduler_type": ["linear"]},
+        ),
+        Problem(
+            name="lm_lr_too_high",
+            mis_set="causal LM (tiny GPT-2, another Markov table), linear-decay lr 0.1: past the edge of stability "
+            "(best 0.03-0.05), it trains slowly",
+            make_model=lambda s: tiny_gpt2(),
+            make_data=lambda s: _lm_data(s, table_seed=4),
+            start=dict(learning_rate=0.1, lr_scheduler_type="linear", warmup=0.05),
+            genes=["learning_rate"],
+            oracle={
+                "learning_rate": [3e-3, 1e-2, 2e-2, 3e-2, 5e-2, 0.1],
+                "lr_scheduler_type": ["linear", "cosine"],
+            },
+            oracle_quick={"learning_rate": [3e-3, 1e-2, 3e-2, 5e-2, 0.1], "lr_scheduler_type": ["linear"]},
+        ),
+        Problem(
+            name="wd_too_strong",
+            mis_set="causal LM (tiny GPT-2, another Markov table), AdamW weight decay 10 where ~0 is best",
+            make_model=lambda s: tiny_gpt2(),
+            make_data=lambda s: _lm_data(s, table_seed=6),
+            start=dict(learning_rate=1e-2, lr_scheduler_type="linear", warmup=0.05, weight_decay=10.0),
+            genes={"learning_rate": {}, "weight_decay": {"high": 20.0}},
+            oracle={
+                "learning_rate": [3e-3, 1e-2, 3e-2],
+                "lr_scheduler_type": ["linear"],
+                "weight_decay": [0.0, 0.1, 1.0, 10.0],
+            },
+            oracle_quick={
+                "learning_rate": [1e-2, 3e-2],
+                "lr_scheduler_type": ["linear"],
+                "weight_decay": [0.0, 1.0, 10.0],
+            },
+        ),
+        Problem(
+            name="well_tuned",
+            mis_set="nothing: causal LM (tiny GPT-2) started at the oracle's best point; the clan should do no harm",
+            make_model=lambda s: tiny_gpt2(),
+            make_data=lambda s: _lm_data(s, table_seed=8),
+            start=dict(learning_rate=3e-2, lr_scheduler_type="linear", warmup=0.05),
+            genes=["learning_rate", "weight_decay"],
+            # Neighbours 3x apart and no cosine (within noise of linear here): the start stays the clear best point
+            # of both grids, at 300 and at 900 steps.
+            oracle={"learning_rate": [1e-2, 3e-2, 0.1], "lr_scheduler_type": ["linear", "constant"]},
+            oracle_quick={"learning_rate": [1e-2, 3e-2, 0.1], "lr_scheduler_type": ["linear", "constant"]},
+            do_no_harm=True,
+        ),
+        Problem(
+            name="lm_long_horizon",
+            mis_set="causal LM (tiny GPT-2, another Markov table), lr 1e-3 with a linear decay, 20-40x too low, "
+            "over 40+ short rounds",
+            make_model=lambda s: tiny_gpt2(),
+            # A smaller validation split: 40+ rounds evaluate it on every member.
+            make_data=lambda s: _lm_data(s, table_seed=9, val_size=256),
+            start=dict(learning_rate=1e-3, lr_scheduler_type="linear", warmup=0.05),
+            genes=["learning_rate"],
+            oracle={"learning_rate": [1e-3, 3e-3, 1e-2, 2e-2, 4e-2], "lr_scheduler_type": ["linear", "cosine"]},
+            oracle_quick={"learning_rate": [1e-3, 3e-3, 1e-2, 2e-2, 4e-2], "lr_scheduler_type": ["linear"]},
+            # Many selections on a short horizon each, where greedy selection favours the lower learning rate:
+            # quick 400 steps in 40 rounds of 10, full 1200 steps in 60 rounds of 20.
+            steps_scale=4 / 3,
+            round_steps_scale=0.4,
+        ),
+        Problem(
+            name="warmup_decay",
+            mis_set="noisy regression (4-layer post-LN tiny BERT), constant lr 3e-3: the best schedule decays "
+            "(the best constant lr is 3x worse)",
+            make_model=lambda s: tiny_bert(num_labels=1, layers=4),
+            make_data=_warmup_data,
+            start=dict(learning_rate=3e-3, lr_scheduler_type="constant", warmup=0.0),
+            genes=["learning_rate"],
+            oracle={
+                "learning_rate": [1e-3, 3e-3, 5e-3],
+                "lr_scheduler_type": ["constant_with_warmup", "linear", "cosine"],
+                "warmup": [0.0, 0.2],
+            },
+            oracle_quick={
+                "learning_rate": [3e-3],
+                "lr_scheduler_type": ["constant_with_warmup", "linear", "cosine"],
+                "warmup": [0.0, 0.2],
+            },
+        ),
+        Problem(
+            name="cls_metric",
+            mis_set="classifier (tiny BERT) ranked by accuracy (compute_metrics), constant lr 2e-3: its accuracy "
+            "swings late in the run; a decay settles it",
+            make_model=lambda s: tiny_bert(num_labels=2),
+            make_data=_metric_data,
+            start=dict(learning_rate=2e-3, lr_scheduler_type="constant", warmup=0.0),
+            genes=["learning_rate"],
+            oracle={"learning_rate": [5e-4, 1e-3, 2e-3, 3e-3], "lr_scheduler_type": ["constant", "linear", "cosine"]},
+            oracle_quick={"learning_rate": [5e-4, 1e-3, 2e-3], "lr_scheduler_type": ["constant", "linear"]},
+            metric="test accuracy",
+            greater_is_better=True,
+            metric_key="accuracy",
+            compute_metrics=accuracy_metrics,
+            scorer=mean_accuracy,
+        ),
     ]
 }
 MODEL_KEYS = ("dropout",)
@@ -267,7 +477,16 @@ def _training_fields(problem: Problem, overrides: dict, settings: Settings) -> t
     return fields, model_kwargs
 
 
-def run_job(problem_name: str, method: str, overrides: dict, settings: Settings, job_dir: str) -> None:
+def run_job(
+    problem_name: str,
+    method: str,
+    overrides: dict,
+    settings: Settings,
+    job_dir: str,
+    clan_overrides: dict | None = None,
+) -> None:
+    """One run of `method` with `overrides` (TrainingArguments fields: an oracle grid point) and, for the clan,
+    `clan_overrides` (ClanConfig fields: an ablation variant). `settings` already holds the problem's budget."""
     from transformers import Trainer, TrainingArguments
 
     from clantune_hf import ClanConfig, ClanTrainer
@@ -280,13 +499,19 @@ def run_job(problem_name: str, method: str, overrides: dict, settings: Settings,
         output_dir=job_dir, max_steps=settings.steps, seed=settings.seed, report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, per_device_eval_batch_size=64, use_cpu=True,
     )  # fmt: skip
+    if problem.metric_key is not None:
+        # Members compete on the metric, as a user would set it up.
+        common.update(metric_for_best_model=problem.metric_key, greater_is_better=problem.greater_is_better)
     if method in ("clan", "pbt"):
         args = ClanConfig(
             **common, **fields, per_device_train_batch_size=settings.per_device_batch,
             round_steps=settings.round_steps, duty_cycle=1.0 if method == "pbt" else settings.duty_cycle,
             genes=json.dumps(problem.genes) if isinstance(problem.genes, dict) else problem.genes,
+            **(clan_overrides or {}),
         )  # fmt: skip
-        trainer = ClanTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+        trainer = ClanTrainer(
+            model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=problem.compute_metrics
+        )
     else:
         if method == "schedule_free":
             fields.update(optim="schedule_free_adamw", lr_scheduler_type="constant")
@@ -294,7 +519,9 @@ def run_job(problem_name: str, method: str, overrides: dict, settings: Settings,
             **common, **fields, per_device_train_batch_size=settings.global_batch, eval_strategy="steps",
             eval_steps=settings.round_steps,
         )  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+        trainer = Trainer(
+            model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=problem.compute_metrics
+        )
 
     start = time.perf_counter()
     trainer.train()
@@ -303,8 +530,8 @@ def run_job(problem_name: str, method: str, overrides: dict, settings: Settings,
         return
     trainer.optimizer.eval()  # schedule-free evaluates its averaged weights; a no-op for other optimizers
     result = {
-        "fitness": mean_loss(trainer.model, test),
-        "val_fitness": mean_loss(trainer.model, val),
+        "fitness": problem.scorer(trainer.model, test),
+        "val_fitness": problem.scorer(trainer.model, val),
         "train_s": train_s,
         "samples": settings.steps * settings.global_batch,
     }
@@ -326,7 +553,8 @@ def run_job(problem_name: str, method: str, overrides: dict, settings: Settings,
         result["lineage"] = trainer.clan_schedule["segments"]
         result["final_genes"] = trainer.clan_schedule["segments"][-1]["genes"]
     else:
-        evals = [[e["step"], e["eval_loss"]] for e in trainer.state.log_history if "eval_loss" in e]
+        key = f"eval_{problem.metric_key or 'loss'}"
+        evals = [[e["step"], e[key]] for e in trainer.state.log_history if key in e]
         result["eval_samples"] = len(evals) * len(val)
         result["curve"] = [e for e in evals if e[0] != settings.steps] + [[settings.steps, result["val_fitness"]]]
         if method == "schedule_free":
@@ -335,73 +563,37 @@ def run_job(problem_name: str, method: str, overrides: dict, settings: Settings,
     write_json(os.path.join(job_dir, "result.json"), result)
 
 
-def run_ray_pbt(problem_name: str, settings: Settings, job_dir: str) -> None:
-    """Ray Tune PBT as the external reference: P trials with their own data, exploiting every round.
-
-    Runs only when ray is installed; ray starts its own worker processes, so this is one launch, not P ranks.
-    """
-    from ray import tune
-    from ray.tune.schedulers import PopulationBasedTraining
-    from transformers import Trainer, TrainingArguments
-
-    problem = PROBLEMS[problem_name]
-    train, val, _ = problem.make_data(settings)
-    fields, model_kwargs = _training_fields(problem, {}, settings)
-    args = TrainingArguments(
-        output_dir=job_dir, max_steps=settings.steps, seed=settings.seed, report_to="none", disable_tqdm=True,
-        per_device_train_batch_size=settings.per_device_batch, eval_strategy="steps", eval_steps=settings.round_steps,
-        save_strategy="steps", save_steps=settings.round_steps, use_cpu=True, **fields,
-    )  # fmt: skip
-    trainer = Trainer(
-        model_init=lambda trial=None: problem.make_model(settings, **model_kwargs),
-        args=args,
-        train_dataset=train,
-        eval_dataset=val,
-    )
-    lr = fields["learning_rate"]
-    space = {"learning_rate": tune.loguniform(lr / 100, lr * 100)}
-    scheduler = PopulationBasedTraining(
-        time_attr="training_iteration", perturbation_interval=1, hyperparam_mutations=space
-    )
-    start = time.perf_counter()
-    best = trainer.hyperparameter_search(
-        hp_space=lambda _: space, backend="ray", n_trials=settings.num_processes, direction="minimize",
-        scheduler=scheduler, resources_per_trial={"cpu": 1}, storage_path=os.path.join(job_dir, "ray"),
-    )  # fmt: skip
-    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(job_dir) for f in fs)
-    write_json(
-        os.path.join(job_dir, "result.json"),
-        {
-            # Ray reports the best trial's validation loss; its checkpoint is not re-scored on the test split.
-            "fitness": None,
-            "val_fitness": best.objective,
-            "train_s": time.perf_counter() - start,
-            "samples": settings.steps * settings.global_batch,
-            "disk_bytes": disk,
-            "hyperparameters": best.hyperparameters,
-        },
-    )
-
-
 # ---- The suite ----
 
 
-def _run(problem: str, method: str, overrides: dict, settings: Settings, job_dir: str) -> dict:
+def _run(
+    problem: str, method: str, overrides: dict, settings: Settings, job_dir: str, clan_overrides: dict | None = None
+) -> dict:
     """Launch one run on its ranks and return its result, or a status saying why there is none."""
     os.makedirs(job_dir, exist_ok=True)
     ranks = settings.num_processes if method in ("clan", "pbt") else 1
     log = os.path.join(job_dir, "log")
-    target = run_ray_pbt if method == "pbt_ray" else run_job
-    job_args = (problem, settings, job_dir) if method == "pbt_ray" else (problem, method, overrides, settings, job_dir)
-    start = time.perf_counter()
+    if method == "pbt_ray":
+        target, job_args = run_ray_pbt, (problem, settings, job_dir)
+    else:
+        target, job_args = run_job, (problem, method, overrides, settings, job_dir, clan_overrides)
+    start, cpu = time.perf_counter(), _children_cpu_s()
     try:
         launch(target, ranks, *job_args, log_path=log)
     except RuntimeError as error:
         return {"status": f"failed: {error}", "log_tail": log_tail(log)}
     with open(os.path.join(job_dir, "result.json")) as f:
         result = json.load(f)
-    result.update(wall_s=time.perf_counter() - start, ranks=ranks, status="ok")
+    # CPU seconds of the run's own processes (Ray's workers, not our children, are not counted): a cost figure that,
+    # unlike wall time, other jobs on a shared machine do not inflate.
+    cpu = _children_cpu_s() - cpu
+    result.update(wall_s=time.perf_counter() - start, cpu_s=cpu, ranks=ranks, status="ok", seed=settings.seed)
     return result
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def gap_closed(default: float | None, method: float | None, oracle: float | None, greater_is_better: bool):
@@ -414,43 +606,132 @@ def gap_closed(default: float | None, method: float | None, oracle: float | None
     return sign * (default - method) / gap
 
 
-def run_problem(problem: Problem, settings: Settings, methods: list[str], out: str, bar: tqdm) -> dict:
+def harm(default: float | None, method: float | None, greater_is_better: bool):
+    """How much worse than the start the method ends, relative to the start: (method - default) / |default| for a
+    loss, sign flipped for a metric where higher is better. Positive is harm; negative is an improvement."""
+    if None in (default, method) or not all(map(math.isfinite, (default, method))) or default == 0:
+        return None
+    sign = -1.0 if greater_is_better else 1.0
+    return sign * (method - default) / abs(default)
+
+
+def _mean_sd(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _aggregate(per_seed: dict[str, dict]) -> dict:
+    """One seeded method from its scored per-seed results: mean ± sd over the seeds that finished of fitness,
+    gap_closed, harm and wall time (the mean gap, not the gap of the mean fitness); curves and schedules of the first
+    seed (for the plot); every seed's own result under `per_seed`."""
+    first = next(iter(per_seed.values()))
+    ok = [r for r in per_seed.values() if r.get("status") == "ok"]
+    summary = {
+        key: first[key] for key in ("curve", "lr_schedule", "final_genes", "samples", "eval_samples") if key in first
+    }
+    for key in ("fitness", "gap_closed", "harm", "wall_s", "cpu_s"):
+        summary[key], summary[f"{key}_sd"] = _mean_sd([r.get(key) for r in ok])
+    failed = [r for r in per_seed.values() if r.get("status") != "ok"]
+    if not failed:
+        summary["status"] = "ok"
+    elif ok:
+        summary["status"] = f"partial: {len(failed)} of {len(per_seed)} seeds did not finish ({failed[0]['status']})"
+    else:
+        summary["status"] = failed[0]["status"]
+    summary.setdefault("samples", None)
+    summary.update(seeds=[int(s) for s in per_seed], per_seed=per_seed)
+    return summary
+
+
+def run_problem(
+    problem: Problem,
+    settings: Settings,
+    methods: list[str],
+    out: str,
+    bar: tqdm,
+    seeds: tuple[int, ...] = (0,),
+    ray_seeds: tuple[int, ...] = (0,),
+    variants: tuple[str, ...] = (),
+) -> dict:
+    settings = problem_settings(problem, settings)
     runs = os.path.join(out, "runs", problem.name)
     if problem.setup is not None:
         launch(problem.setup, 1, settings, log_path=os.path.join(out, "runs", f"{problem.name}_setup"))
+
+    def seeded(method: str, seed_list, job: str, clan_overrides: dict | None = None) -> dict:
+        per_seed = {}
+        for seed in seed_list:
+            bar.set_postfix_str(f"{problem.name}: {job} seed {seed}")
+            per_seed[str(seed)] = _run(
+                problem.name, method, {}, dataclasses.replace(settings, seed=seed), f"{runs}/{job}/seed{seed}",
+                clan_overrides,
+            )  # fmt: skip
+            bar.update(1)
+        return per_seed
+
+    # The reference runs (default, schedule_free, oracle) use seed 0 whatever --seeds says: see the docstring.
+    base = dataclasses.replace(settings, seed=0)
     results: dict[str, dict] = {}
+    seeded_runs: dict[str, dict[str, dict]] = {}  # method or variant -> seed -> result
     for method in methods:
-        if method == "oracle":
+        package, extra = OPTIONAL.get(method, ("", ""))
+        if method == "pbt_ray" and not ray_seeds:
+            results[method] = {"status": "not run: not among --ray-problems"}
+        elif package and importlib.util.find_spec(package) is None:
+            results[method] = {"status": f'not run: {package} is not installed (pip install -e ".[{extra}]")'}
+            bar.update(len(ray_seeds) if method == "pbt_ray" else 1)
+        elif method == "oracle":
             grid = []
             for point in oracle_grid(problem, settings):
                 bar.set_postfix_str(f"{problem.name}: oracle {point}")
                 name = "_".join(f"{k}={v}" for k, v in point.items())
-                grid.append({"point": point, **_run(problem.name, "oracle", point, settings, f"{runs}/oracle/{name}")})
+                grid.append({"point": point, **_run(problem.name, "oracle", point, base, f"{runs}/oracle/{name}")})
                 bar.update(1)
             results["oracle"] = _oracle_summary(grid, problem.greater_is_better)
-            continue
-        bar.set_postfix_str(f"{problem.name}: {method}")
-        package, extra = OPTIONAL.get(method, ("", ""))
-        if package and importlib.util.find_spec(package) is None:
-            results[method] = {"status": f'not run: {package} is not installed (pip install -e ".[{extra}]")'}
+        elif method in SEEDED:
+            seeded_runs[method] = seeded(method, ray_seeds if method == "pbt_ray" else seeds, method)
         else:
-            results[method] = _run(problem.name, method, {}, settings, f"{runs}/{method}")
-        bar.update(1)
+            bar.set_postfix_str(f"{problem.name}: {method}")
+            results[method] = _run(problem.name, method, {}, base, f"{runs}/{method}")
+            bar.update(1)
+    variant_runs: dict[str, dict[str, dict]] = {}
+    for name in variants:
+        variant_runs[name] = seeded("clan", seeds, f"variant_{name}", VARIANTS[name])
 
+    # Every seed of every method is measured against the same seed-0 default and oracle.
     default = results.get("default", {}).get("fitness")
     oracle = results.get("oracle", {}).get("fitness")
-    for result in results.values():
+
+    def score(result: dict) -> dict:
         result.setdefault("fitness", None)
         result.setdefault("samples", None)
         result.setdefault("wall_s", None)
         result["gap_closed"] = gap_closed(default, result["fitness"], oracle, problem.greater_is_better)
+        result["harm"] = harm(default, result["fitness"], problem.greater_is_better)
+        return result
+
+    for result in results.values():
+        score(result)
+    for method, per_seed in seeded_runs.items():
+        results[method] = _aggregate({seed: score(result) for seed, result in per_seed.items()})
+    results = {method: results[method] for method in methods}
+    variant_results = {
+        name: {"overrides": VARIANTS[name], **_aggregate({seed: score(result) for seed, result in per_seed.items()})}
+        for name, per_seed in variant_runs.items()
+    }
     return {
         "mis_set": problem.mis_set,
         "metric": problem.metric,
         "greater_is_better": problem.greater_is_better,
+        "do_no_harm": problem.do_no_harm,
         "start": problem.start,
         "genes": problem.genes,
+        "steps": settings.steps,
+        "round_steps": settings.round_steps,
         "methods": results,
+        "variants": variant_results,
     }
 
 
@@ -465,6 +746,7 @@ def _oracle_summary(grid: list[dict], greater_is_better: bool) -> dict:
         status="ok",
         best_point=best["point"],
         wall_s=sum(g["wall_s"] for g in done),
+        cpu_s=sum(g.get("cpu_s", 0.0) for g in done),
         samples=sum(g["samples"] for g in done),
         eval_samples=sum(g["eval_samples"] for g in done),
         grid_points=len(grid),
@@ -475,48 +757,160 @@ def _oracle_summary(grid: list[dict], greater_is_better: bool) -> dict:
 
 # ---- Report ----
 
-SHOWN = ["default", "clan", "pbt", "schedule_free", "oracle"]
+SHOWN = ["default", "clan", "pbt", "pbt_ray", "schedule_free", "oracle"]
 
 
-def _cell(result: dict) -> str:
+def _num(value: float, spec: str) -> str:
+    text = format(value, spec)
+    return text.replace("-", "+" if "+" in spec else "", 1) if float(text) == 0 else text  # no "-0.00"
+
+
+def _pm(value: float, sd: float | None, spec: str) -> str:
+    return _num(value, spec) + ("" if sd is None else f" ± {format(sd, spec.lstrip('+'))}")
+
+
+def _score_text(result: dict, do_no_harm: bool) -> str:
+    """gap_closed (or, on a do-no-harm problem, harm) of one method: mean ± sd over its seeds."""
+    if do_no_harm:
+        value, sd = result.get("harm"), result.get("harm_sd")
+        return "harm –" if value is None else f"harm {_pm(100 * value, None if sd is None else 100 * sd, '+.1f')}%"
+    value, sd = result.get("gap_closed"), result.get("gap_closed_sd")
+    return "–" if value is None else _pm(value, sd, "+.2f")
+
+
+def _cell(result: dict, do_no_harm: bool = False) -> str:
     if result.get("fitness") is None:
         return result.get("status", "n/a").split(":")[0]
-    gap = result.get("gap_closed")
-    return f"{result['fitness']:.4f} ({'–' if gap is None else f'{gap:+.2f}'})"
+    return f"{_pm(result['fitness'], result.get('fitness_sd'), '.4f')} ({_score_text(result, do_no_harm)})"
+
+
+def _problem_label(name: str, problem: dict) -> str:
+    return name if problem["metric"] == "test loss" else f"{name} ({problem['metric']}, higher is better)"
+
+
+def _bar_counts(entries: list[tuple[dict, dict]]) -> tuple[str, str]:
+    """Over (problem, result) pairs: 'k/N' problems with mean gap_closed >= GAP_BAR, where N counts the problems the
+    oracle leaves a gap on (the default's own gap_closed, 0, is defined there) and the method was run on, and the
+    median gap_closed."""
+    gapped = [
+        (p, r)
+        for p, r in entries
+        if p["methods"].get("default", {}).get("gap_closed") is not None
+        and not r.get("status", "").startswith("not run")  # e.g. pbt_ray outside --ray-problems
+    ]
+    defined = [r["gap_closed"] for _, r in gapped if r.get("gap_closed") is not None]
+    median = _num(statistics.median(defined), "+.2f") if defined else "–"
+    return f"{sum(g >= GAP_BAR for g in defined)}/{len(gapped)}", median
 
 
 def markdown_table(results: dict) -> str:
     problems = results["problems"]
-    methods = [m for m in SHOWN if any(m in p["methods"] for p in problems.values())]
+    methods = [m for m in SHOWN if any(p["methods"].get(m, {}).get("fitness") is not None for p in problems.values())]
+    settings = results["settings"]
+    seeds, ray_seeds = settings.get("seeds", [settings["seed"]]), settings.get("ray_seeds", [settings["seed"]])
     lines = [
+        f"Final test score, mean ± sd over seeds {seeds} for clan and pbt ({ray_seeds} for pbt_ray; the others: "
+        "seed 0); in brackets gap_closed (per seed, against the seed-0 default and oracle), or harm on a do-no-harm "
+        "problem.",
+        "",
         "| problem | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
     ]
     for name, problem in problems.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(problem["methods"].get(m, {})) for m in methods) + " |")
+        cells = [_cell(problem["methods"].get(m, {}), problem["do_no_harm"]) for m in methods]
+        lines.append(f"| {_problem_label(name, problem)} | " + " | ".join(cells) + " |")
+
+    counts = {m: _bar_counts([(p, p["methods"].get(m, {})) for p in problems.values()]) for m in methods}
     lines.append(
-        f"| **gap_closed ≥ {GAP_BAR}** | "
-        + " | ".join(
-            f"{sum((p['methods'].get(m, {}).get('gap_closed') or -math.inf) >= GAP_BAR for p in problems.values())}"
-            f"/{len(problems)}"
-            for m in methods
-        )
-        + " |"
+        f"| **gap_closed ≥ {GAP_BAR}** (mean over seeds) | " + " | ".join(counts[m][0] for m in methods) + " |"
     )
-    lines += ["", "Cost: wall seconds; samples trained on + samples evaluated (all workers, all grid points).", ""]
+    lines.append("| **median gap_closed** | " + " | ".join(counts[m][1] for m in methods) + " |")
+    # Direction-aware: on an accuracy problem "at least as good" means at least as high.
+    wins = []
+    for m in methods:
+        pairs = [
+            (
+                p["methods"].get("clan", {}).get("fitness"),
+                p["methods"].get(m, {}).get("fitness"),
+                p["greater_is_better"],
+            )
+            for p in problems.values()
+        ]
+        pairs = [(c, o, g) for c, o, g in pairs if c is not None and o is not None]
+        won = sum((c >= o) if g else (c <= o) for c, o, g in pairs)
+        wins.append("–" if m == "clan" else f"{won}/{len(pairs)}")
+    if "clan" in methods:
+        lines.append("| **clan ≥ this method** (mean score) | " + " | ".join(wins) + " |")
+    harmless = [p for p in problems.values() if p["do_no_harm"]]
+    if harmless:
+        cells = []
+        for m in methods:
+            values = [p["methods"].get(m, {}).get("harm") for p in harmless]
+            cells.append(f"{sum(v is not None and v <= HARM_BAR for v in values)}/{len(harmless)}")
+        lines.append(f"| **harm ≤ {HARM_BAR:.0%}** (do-no-harm problems) | " + " | ".join(cells) + " |")
+
+    lines += [
+        "",
+        "Cost per run (a seeded method: mean over its seeds): wall seconds; samples trained on + samples evaluated "
+        "(all workers, all grid points).",
+        "",
+    ]
     lines += ["| problem | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for name, problem in problems.items():
         cells = []
         for m in methods:
             r = problem["methods"].get(m, {})
-            if r.get("wall_s") is None:
+            if r.get("wall_s") is None or r.get("samples") is None:
                 cells.append("n/a")
             else:
                 cells.append(f"{r['wall_s']:.0f} s; {r['samples'] / 1e3:.1f}k + {r.get('eval_samples', 0) / 1e3:.1f}k")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    ray = [p["methods"].get("pbt_ray", {}).get("status") for p in problems.values()]
-    if any(ray):
-        lines += ["", f"pbt_ray (Ray Tune PBT): {ray[0]}"]
+    for m in ("pbt_ray", "schedule_free"):
+        statuses = [p["methods"][m]["status"] for p in problems.values() if m in p["methods"]]
+        if m not in methods and statuses:
+            lines += ["", f"{m}: {statuses[0]}"]
+    return "\n".join(lines)
+
+
+def ablation_rows(results: dict) -> dict[str, dict[str, dict]]:
+    """problem -> column (clan, then each variant) -> its mean ± sd gap_closed (harm on a do-no-harm problem)."""
+    rows = {}
+    for name, problem in results["problems"].items():
+        columns = {"clan": problem["methods"].get("clan", {}), **problem.get("variants", {})}
+        rows[name] = {
+            column: {key: r.get(key) for key in ("gap_closed", "gap_closed_sd", "harm", "harm_sd", "status")}
+            for column, r in columns.items()
+        }
+    return rows
+
+
+def ablation_table(results: dict) -> str:
+    problems = results["problems"]
+    variants = list(dict.fromkeys(v for p in problems.values() for v in p.get("variants", {})))
+    columns = ["clan", *variants]
+    lines = [
+        "gap_closed, mean ± sd over seeds (harm on a do-no-harm problem); each variant is the clan with these "
+        "ClanConfig overrides: " + "; ".join(f"{v} = {json.dumps(VARIANTS.get(v, {}))}" for v in variants),
+        "",
+        "| problem | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+
+    def result(problem: dict, column: str) -> dict:
+        return problem["methods"].get("clan", {}) if column == "clan" else problem["variants"].get(column, {})
+
+    for name, problem in problems.items():
+        cells = []
+        for column in columns:
+            r = result(problem, column)
+            ran = r.get("fitness") is not None
+            cells.append(_score_text(r, problem["do_no_harm"]) if ran else r.get("status", "n/a").split(":")[0])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cells = []
+    for column in columns:
+        count, median = _bar_counts([(p, result(p, column)) for p in problems.values()])
+        cells.append(f"{count}; median {median}")
+    lines.append(f"| **gap_closed ≥ {GAP_BAR}; median** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -527,8 +921,8 @@ def plot_problem(name: str, problem: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     methods = problem["methods"]
-    colors = {"default": "tab:gray", "clan": "tab:red", "pbt": "tab:purple", "schedule_free": "tab:green",
-              "oracle": "tab:blue"}  # fmt: skip
+    colors = {"default": "tab:gray", "clan": "tab:red", "pbt": "tab:purple", "pbt_ray": "tab:orange",
+              "schedule_free": "tab:green", "oracle": "tab:blue"}  # fmt: skip
     fig, (curves, lrs) = plt.subplots(1, 2, figsize=(12, 4.5))
     for point in methods.get("oracle", {}).get("grid", []):
         if point.get("curve"):
@@ -536,21 +930,33 @@ def plot_problem(name: str, problem: dict, path: str) -> None:
             curves.plot(steps, values, color="tab:blue", alpha=0.15, lw=0.8)
     for method, color in colors.items():
         result = methods.get(method, {})
+        # The first seed is drawn bold; the other seeds of a population method faintly behind it.
+        for other in list(result.get("per_seed", {}).values())[1:]:
+            if other.get("curve"):
+                steps, values = zip(*other["curve"], strict=True)
+                curves.plot(steps, values, color=color, alpha=0.3, lw=0.8)
+            if other.get("lr_schedule"):
+                lrs.plot(range(len(other["lr_schedule"])), other["lr_schedule"], color=color, alpha=0.3, lw=0.8)
         if result.get("curve"):
             steps, values = zip(*result["curve"], strict=True)
-            label = method + (" (best member)" if method in ("clan", "pbt") else "")
+            label = method + (
+                " (best member)" if method in ("clan", "pbt") else " (best trial)" * (method == "pbt_ray")
+            )
             label += " (best grid point)" if method == "oracle" else ""
+            label += f" (seed {result['seeds'][0]}; faint: other seeds)" if len(result.get("seeds", [])) > 1 else ""
             curves.plot(steps, values, color=color, marker=".", label=label, lw=2 if method == "clan" else 1.2)
         if result.get("lr_schedule"):
             label = {
                 "clan": "clan (discovered, best lineage)",
                 "pbt": "pbt (best lineage)",
+                "pbt_ray": "pbt_ray (best trial's lineage)",
                 "oracle": f"oracle {result.get('best_point', '')}",
                 "default": "default (start)",
             }.get(method, method)
             lrs.plot(range(len(result["lr_schedule"])), result["lr_schedule"], color=color, label=label,
-                     lw=2 if method in ("clan", "oracle") else 1, ls="--" if method == "pbt" else "-")  # fmt: skip
-    curves.set(xlabel="optimizer step", ylabel="validation loss", title=f"{name}: eval curves (faint: oracle grid)")
+                     lw=2 if method in ("clan", "oracle") else 1, ls="--" if "pbt" in method else "-")  # fmt: skip
+    ylabel = "validation " + problem["metric"].removeprefix("test ")
+    curves.set(xlabel="optimizer step", ylabel=ylabel, title=f"{name}: eval curves (faint blue: oracle grid)")
     curves.legend(fontsize=8)
     lrs.set(xlabel="optimizer step", ylabel="learning rate", title="learning-rate schedule")
     lrs.set_yscale("log")
@@ -563,19 +969,44 @@ def plot_problem(name: str, problem: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.split(",") if s.strip())
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="Directory for results.json, the plots and every run's files.")
-    parser.add_argument("--quick", action="store_true", help="300 steps and a smaller oracle grid (<= 15 min).")
+    parser.add_argument("--out", required=True, help="Directory for results.json, table.md, the plots, every run.")
+    parser.add_argument("--quick", action="store_true", help="300 steps, small oracle grids, 3 seeds (<= 30 min).")
     parser.add_argument("--tiny", action="store_true", help="A few steps on 2 ranks: checks the harness, not numbers.")
     parser.add_argument("--problems", default=",".join(PROBLEMS), help="Comma-separated subset of the problems.")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of the methods.")
     parser.add_argument("--num-processes", type=int, default=None, help="Clan members / DDP workers P (default 4).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", default=None, help="Comma-separated seeds for clan, pbt and variants (default: 0; --quick: 0,1,2)."
+    )
+    parser.add_argument("--ray-seeds", default=None, help="Seeds for pbt_ray (default: the first of --seeds).")
+    parser.add_argument(
+        "--ray-problems",
+        default=None,
+        help=f"Problems pbt_ray runs on, or 'all' (default: all; --quick: {DEFAULT_RAY_PROBLEMS['quick']}).",
+    )
+    parser.add_argument(
+        "--variants", default="", help=f"Comma-separated ablations of the clan, or 'all': {', '.join(VARIANTS)}."
+    )
     args = parser.parse_args(argv)
 
     suite = "tiny" if args.tiny else "quick" if args.quick else "full"
-    settings = Settings(**SUITES[suite], seed=args.seed, cache_dir=os.path.join(args.out, "runs", "cache"))
+    seeds = _int_list(args.seeds or DEFAULT_SEEDS[suite])
+    ray_seeds = _int_list(args.ray_seeds) if args.ray_seeds else seeds[:1]
+    variants = tuple(VARIANTS) if args.variants == "all" else tuple(v for v in args.variants.split(",") if v)
+    ray_problems = (args.ray_problems or DEFAULT_RAY_PROBLEMS[suite]).split(",")
+    ray_problems = list(PROBLEMS) if ray_problems == ["all"] else ray_problems
+    unknown = [v for v in variants if v not in VARIANTS] + [
+        p for p in args.problems.split(",") + ray_problems if p not in PROBLEMS
+    ]
+    if unknown:
+        parser.error(f"unknown problem or variant {unknown}; problems: {list(PROBLEMS)}; variants: {list(VARIANTS)}")
+    settings = Settings(**SUITES[suite], cache_dir=os.path.join(args.out, "runs", "cache"))
     if args.num_processes is not None:
         settings = dataclasses.replace(settings, num_processes=args.num_processes)
     problems = [PROBLEMS[name] for name in args.problems.split(",")]
@@ -583,26 +1014,58 @@ def main(argv: list[str] | None = None) -> dict:
     if os.path.isdir(os.path.join(args.out, "runs")):
         shutil.rmtree(os.path.join(args.out, "runs"))
     os.makedirs(settings.cache_dir, exist_ok=True)
+    # Imported once here, before the runs fork: otherwise every rank of every run pays ~0.7 s to import the Trainer.
+    import transformers.trainer  # noqa: F401
 
-    total = sum(len(oracle_grid(p, settings)) if m == "oracle" else 1 for p in problems for m in methods)
+    import clantune_hf  # noqa: F401
+
+    def runs(problem: Problem, method: str) -> int:
+        if method == "oracle":
+            return len(oracle_grid(problem, settings))
+        if method == "pbt_ray":
+            return len(ray_seeds) if problem.name in ray_problems else 0
+        return len(seeds) if method in SEEDED else 1
+
+    total = sum(runs(p, m) for p in problems for m in methods) + len(problems) * len(variants) * len(seeds)
     results = {
         "suite": suite,
-        "settings": dataclasses.asdict(settings),
+        "settings": {
+            **dataclasses.asdict(settings),
+            "seeds": list(seeds),
+            "ray_seeds": list(ray_seeds),
+            "ray_problems": [p.name for p in problems if p.name in ray_problems],
+        },
+        "variants": {name: VARIANTS[name] for name in variants},
         "machine": f"{cpu_cores()} CPU cores, torch {torch.__version__}",
         "problems": {},
     }
     start = time.perf_counter()
     with tqdm(total=total, desc=f"schedule suite ({suite})", unit="run") as bar:
         for problem in problems:
-            results["problems"][problem.name] = run_problem(problem, settings, methods, args.out, bar)
+            results["problems"][problem.name] = run_problem(
+                problem, settings, methods, args.out, bar, seeds=seeds, variants=variants,
+                ray_seeds=ray_seeds if problem.name in ray_problems else (),
+            )  # fmt: skip
             results["wall_s"] = time.perf_counter() - start
+            if variants:
+                results["ablation"] = ablation_rows(results)
             write_json(os.path.join(args.out, "results.json"), results)
             png = os.path.join(args.out, f"{problem.name}.png")
             plot_problem(problem.name, results["problems"][problem.name], png)
-    print(markdown_table(results))
-    print(
-        f"\nsuite wall time: {results['wall_s']:.0f} s ({suite}: P={settings.num_processes}, {settings.steps} steps)"
+    table = markdown_table(results)
+    if variants:
+        table += "\n\n## Ablations\n\n" + ablation_table(results)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    results["cpu_s"] = _children_cpu_s() + own.ru_utime + own.ru_stime
+    write_json(os.path.join(args.out, "results.json"), results)
+    summary = (
+        f"suite wall time: {results['wall_s']:.0f} s, CPU time {results['cpu_s']:.0f} s without Ray's workers "
+        f"({suite}: P={settings.num_processes}, seeds {list(seeds)}, {cpu_cores()} cores)"
     )
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(f"## Schedule suite ({suite})\n\n{table}\n\n{summary}\n")
+    print(table)
+    print(f"\n{summary}")
     return results
 
 
