@@ -46,16 +46,15 @@ seeds. The proposal's bar is gap_closed >= 0.9 on 90% of problems.
 Ablations (`--variants`): each name in `VARIANTS` is the clan with some `ClanConfig` fields overridden, run at the
 same seeds and budget as `clan`; a second table gives every variant's gap_closed beside the full method's.
 
-    pip install -e ".[bench]"
-    python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~27 min on 2 CPU cores
+    pip install -e ".[bench-ray]"
+    python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~23 min on 2 CPU cores
     python benchmarks/schedule_suite.py --out bench_out/full               # 1 seed
-    python benchmarks/schedule_suite.py --quick --methods default,clan,oracle --variants all --out bench_out/ablation
+    python benchmarks/schedule_suite.py --quick --seeds 0,1 --methods default,clan,oracle --variants all \
+        --out bench_out/ablation
     python benchmarks/schedule_suite.py --quick --problems lm_lr_low,well_tuned --seeds 0,1 --out bench_out/some
 
-On 2 CPU cores a quick problem takes ~1.5 min for everything but pbt_ray (lm_long_horizon ~2.5 min), ~20 min for
-all twelve. pbt_ray costs ~2 min per problem at one seed (Ray restarts every trial's worker process at every
-perturbation), several times that on lm_long_horizon's 40 rounds, so --quick runs it on four problems only
-(`DEFAULT_RAY_PROBLEMS`; `--ray-problems all` for every one): ~27 min in all.
+On 2 CPU cores --quick takes ~23 min in all (1,399 s measured): per problem ~1.5 min for everything, pbt_ray
+~20-45 s of it. `--ray-problems a,b` limits pbt_ray to some problems.
 
 Writes DIR/results.json (every seed's result), DIR/table.md (the tables printed at the end), DIR/<problem>.png
 (eval curves of every method, the clan's discovered learning-rate schedule beside the oracle's; other seeds faint).
