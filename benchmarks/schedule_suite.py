@@ -235,25 +235,15 @@ def _classify_data(settings: Settings):
     )
 
 
-def _regress_data(settings: Settings):
-    # Rare, huge target outliers in training only: their gradients swamp Adam's moments unless clipped.
+def _regress_data(settings: Settings, seed: int, outlier_rate: float, outlier_scale: float):
+    """Regression with noise (`outlier_rate` of the training targets get `outlier_scale` Gaussian noise); the
+    evaluation targets are clean."""
     train = BagOfTokens(
-        settings.size(settings.steps * settings.global_batch), seed=31, kind="regress", outlier_rate=0.02,
-        outlier_scale=100.0,
+        settings.size(settings.steps * settings.global_batch), seed, "regress", outlier_rate=outlier_rate,
+        outlier_scale=outlier_scale,
     )  # fmt: skip
-    val, test = BagOfTokens(settings.size(512), 32, "regress"), BagOfTokens(settings.size(1024), 33, "regress")
-    return train, val, test
-
-
-def _warmup_data(settings: Settings):
-    # Every training target carries unit Gaussian noise (evaluation targets are clean): a constant learning rate keeps
-    # the weights jittering around the solution, so what is left at the end is set by how far the rate decays.
-    train = BagOfTokens(
-        settings.size(settings.steps * settings.global_batch), seed=51, kind="regress", outlier_rate=1.0,
-        outlier_scale=1.0,
-    )  # fmt: skip
-    val, test = BagOfTokens(settings.size(512), 52, "regress"), BagOfTokens(settings.size(1024), 53, "regress")
-    return train, val, test
+    val = BagOfTokens(settings.size(512), seed + 1, "regress")
+    return train, val, BagOfTokens(settings.size(1024), seed + 2, "regress")
 
 
 def _metric_data(settings: Settings):
@@ -328,7 +318,8 @@ PROBLEMS: dict[str, Problem] = {
             name="regress_clip",
             mis_set="regression (tiny BERT) with rare huge outliers in training, clipping loose (max_grad_norm=10)",
             make_model=lambda s: tiny_bert(num_labels=1),
-            make_data=_regress_data,
+            # Rare, huge target outliers: their gradients swamp Adam's moments unless clipped.
+            make_data=lambda s: _regress_data(s, seed=31, outlier_rate=0.02, outlier_scale=100.0),
             start=dict(learning_rate=1e-3, lr_scheduler_type="linear", warmup=0.05, max_grad_norm=10.0),
             genes={"learning_rate": {}, "max_grad_norm": {"low": 0.01, "high": 100.0}, "adam_beta2": {}},
             oracle={
@@ -422,7 +413,9 @@ PROBLEMS: dict[str, Problem] = {
             mis_set="noisy regression (4-layer post-LN tiny BERT), constant lr 3e-3: the best schedule decays "
             "(the best constant lr is 3x worse)",
             make_model=lambda s: tiny_bert(num_labels=1, layers=4),
-            make_data=_warmup_data,
+            # Every training target carries unit noise: a constant rate keeps the weights jittering around the
+            # solution, so what is left at the end is set by how far the rate decays.
+            make_data=lambda s: _regress_data(s, seed=51, outlier_rate=1.0, outlier_scale=1.0),
             start=dict(learning_rate=3e-3, lr_scheduler_type="constant", warmup=0.0),
             genes=["learning_rate"],
             oracle={

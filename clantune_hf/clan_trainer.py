@@ -163,7 +163,9 @@ class ClanTrainer(Trainer):
             step_size_control=args.step_size_control,
             mirrored=args.mirrored_clones,
         )
-        self.genomes: list[Genome] = initial_clan(self.base_genome, self.clan_size, args.seed, args.initial_spread)
+        self.genomes: list[Genome] = initial_clan(
+            self.base_genome, self.clan_size, args.seed, self.search.initial_spread
+        )
         self.clan_history: list[dict] = []
         self.clan_schedule: dict | None = None
 
@@ -543,6 +545,9 @@ class ClanTrainer(Trainer):
             fitness = "eval loss (lower is better)"
         else:
             fitness = f"`{self.fitness_metric}` ({'higher' if self.greater_is_better else 'lower'} is better)"
+        window = round(args.fitness_average_window * args.round_steps)
+        if window:
+            fitness += f" at the mean of its weights over the round's last {window} steps"
         link = f"[{finetuned_from}](https://huggingface.co/{finetuned_from})"
         if is_peft:
             origin = "This adapter was trained over a frozen base model"
