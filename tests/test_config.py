@@ -18,7 +18,7 @@ def test_defaults(tmp_path):
     assert isinstance(args, TrainingArguments)
     search = (args.initial_spread, args.step_size_control, args.mirrored_clones, args.resample_probability)
     assert search == ("stratified", "success", True, 0.25)
-    assert (args.selection_fraction, args.fitness_average_window) == (0.25, 0.5)
+    assert (args.selection_fraction, args.fitness_average_window) == (0.25, 0.0)
 
 
 def test_the_contract_example(tmp_path):
