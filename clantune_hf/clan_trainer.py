@@ -180,6 +180,8 @@ class ClanTrainer(Trainer):
         self._decay_groups: list[bool] | None = None
         self._fitness_loader: DataLoader | None = None
         self._average = WeightAverage()
+        # The last this many steps of every round are averaged for fitness (0: fitness sees the last weights).
+        self._average_steps = round(args.fitness_average_window * args.round_steps)
         self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # the best member's, while rank 0 saves
         # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
         self.callback_handler.callbacks.insert(0, _RoundCallback(self))
@@ -455,7 +457,7 @@ class ClanTrainer(Trainer):
 
     def _average_step(self) -> None:
         """After an optimizer step: fold the weights into the fitness average if the step is in the round's tail."""
-        window = round(self.args.fitness_average_window * self.args.round_steps)
+        window = self._average_steps
         if window and (self.state.global_step - 1) % self.args.round_steps >= self.args.round_steps - window:
             self._average.update(self.model)
 
@@ -545,9 +547,8 @@ class ClanTrainer(Trainer):
             fitness = "eval loss (lower is better)"
         else:
             fitness = f"`{self.fitness_metric}` ({'higher' if self.greater_is_better else 'lower'} is better)"
-        window = round(args.fitness_average_window * args.round_steps)
-        if window:
-            fitness += f" at the mean of its weights over the round's last {window} steps"
+        if self._average_steps:
+            fitness += f" at the mean of its weights over the round's last {self._average_steps} steps"
         link = f"[{finetuned_from}](https://huggingface.co/{finetuned_from})"
         if is_peft:
             origin = "This adapter was trained over a frozen base model"
