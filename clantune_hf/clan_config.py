@@ -72,7 +72,8 @@ class ClanConfig(TrainingArguments):
     `compute_metrics` when that is set.
 
     Defaults that differ from [`~transformers.TrainingArguments`]:
-        - `ddp_broadcast_buffers` defaults to `False`: a member's buffers are its own. `True` is refused.
+        - `ddp_broadcast_buffers` defaults to `None`, and `ClanTrainer` turns DDP's buffer sync off on the wrapped
+          model itself (`forward_sync_buffers=False`): a member's buffers are its own. `True` is refused.
         - `use_cpu` defaults to `True` when no CUDA device is available, so `accelerate launch --num_processes N`
           on a CPU-only machine starts an N-member gloo clan rather than N unrelated processes.
         - `ddp_timeout` (30 min by default) bounds the process group on CPU as well as on GPUs: a member that stops
@@ -147,8 +148,8 @@ class ClanConfig(TrainingArguments):
 
     # Parameters whose TrainingArguments default is changed
     ddp_broadcast_buffers: bool | None = field(
-        default=False,
-        metadata={"help": "Must stay False: each member keeps its own buffers."},
+        default=None,
+        metadata={"help": "Must not be True: each member keeps its own buffers (ClanTrainer turns DDP's sync off)."},
     )
 
     def __post_init__(self):
@@ -210,7 +211,20 @@ class ClanConfig(TrainingArguments):
             raise ValueError(f"`fitness_eval_samples` must be >= 1 or None, got {self.fitness_eval_samples}.")
         if self.ddp_broadcast_buffers:
             raise ValueError(
-                "`ddp_broadcast_buffers=True` would overwrite each member's buffers with rank 0's; set it to False."
+                "`ddp_broadcast_buffers=True` would overwrite each member's buffers with rank 0's; leave it unset."
+            )
+        # False is what the clan does anyway; passed on, it would only make DDP warn that the argument is deprecated.
+        self.ddp_broadcast_buffers = None
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "`auto_find_batch_size` restarts training with a smaller batch on the rank that ran out of memory, "
+                "and a clan cannot restart one member while the others wait for it; set per_device_train_batch_size "
+                "to a batch that fits (and gradient_accumulation_steps for a larger effective batch)."
+            )
+        if self.torch_compile:
+            raise ValueError(
+                "`torch_compile` is not supported by a clan yet: the clan changes each member's dropout and optimizer "
+                "settings between phases, and a compiled model would recompile at each change. Remove torch_compile."
             )
         if self.load_best_model_at_end:
             raise ValueError(

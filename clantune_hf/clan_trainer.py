@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, DynamoBackend
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, PredictionOutput
 from transformers.utils import logging
 
 from .checkpoint import (
@@ -27,15 +27,16 @@ from .checkpoint import (
     save_member,
 )
 from .clan_config import ClanConfig
+from .console import use_clan_console
 from .dropout import mean_dropout
+from .evaluation import evaluate_clan
 from .exchange import (
-    GradientGuard,
     agree_on_count,
     all_gather_floats,
+    average_finite_gradients,
     broadcast_batches,
     broadcast_weights,
     gather_weights,
-    guarded_allreduce_hook,
     leave_together_at_exit,
     recv_member,
     send_member,
@@ -105,6 +106,8 @@ class ClanTrainer(Trainer):
             dict_args = args.to_dict()
             dict_args["hub_token"] = args.hub_token  # to_dict hides the token
             args = ClanConfig(**dict_args)
+        self._hub_error: str | None = None  # why rank 0 could not create the Hub repository in Trainer.__init__
+        self._initializing = True
         if eval_dataset is None:
             raise ValueError("`eval_dataset` is required: each member's fitness is its loss (or metric) on it.")
         if isinstance(eval_dataset, dict):
@@ -145,12 +148,22 @@ class ClanTrainer(Trainer):
                 "as if they were replicas; a clan runs one member per process with plain DDP. Use a multi-GPU (DDP) "
                 "config, e.g. accelerate_configs/multi_gpu.yaml."
             )
-
-        if args.eval_strategy != "no":
-            logger.warning(
-                "`eval_strategy` evaluations during training shard eval_dataset across ranks, so they blend members; "
-                "each member's own evaluation is its per-round fitness (clan/fitness_* in the logs)."
+        if self.accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:
+            raise ValueError(
+                f"The accelerate config sets `dynamo_backend` ({self.accelerator.state.dynamo_plugin.backend}): "
+                "torch_compile is not supported by a clan yet (see `torch_compile`). Set dynamo_backend to 'no'."
             )
+        if args.push_to_hub:
+            # Only rank 0 creates the Hub repository; if it cannot, every rank stops here together.
+            error = [self._hub_error]
+            dist.broadcast_object_list(error, src=0)
+            if error[0] is not None:
+                raise RuntimeError(
+                    f"`push_to_hub=True` but the Hub repository could not be created ({error[0]}). Check the network "
+                    "and `hub_token`, or set push_to_hub=False and push the saved model later with `push_to_hub()`."
+                )
+        self._initializing = False
+
         self.member = self.accelerator.process_index
         self.clan_size = self.accelerator.num_processes
         self.fitness_metric = None if metric is None or metric.removeprefix("eval_") == "loss" else metric
@@ -170,8 +183,8 @@ class ClanTrainer(Trainer):
         self.clan_schedule: dict | None = None
 
         self._user_label_smoother = self.label_smoother
-        self._guard = GradientGuard(self.clan_size)
-        self._guard_registered = False
+        self._step_inputs: tuple[list, Any, dict] | None = None  # this step's batches, item count and RNG state
+        self._grad_norm: torch.Tensor | None = None  # this step's gradient norm, for the clip and the logs
         self._expressed: dict[str, float] = {}
         self._expressed_phase: bool | None = None  # competitive?, or None when genes must be expressed again
         self._competitive = False
@@ -185,6 +198,7 @@ class ClanTrainer(Trainer):
         self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # the best member's, while rank 0 saves
         # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
         self.callback_handler.callbacks.insert(0, _RoundCallback(self))
+        use_clan_console(self)
         leave_together_at_exit()
 
     # ---- Genome ----
@@ -242,30 +256,45 @@ class ClanTrainer(Trainer):
                 dropped = len(batches) - count
                 logger.warning(f"Member {self.member}: another rank ran short of data; {dropped} batch(es) dropped.")
                 batches = batches[:count]
-        return batches, self._get_num_items_in_batch(batches, device)
+        num_items = self._get_num_items_in_batch(batches, device)
+        # Kept so that the rare step whose shared gradient is non-finite can recompute each member's own.
+        self._step_inputs = (batches, num_items, _rng_state())
+        return batches, num_items
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        if not self._guard_registered:
-            if not isinstance(model, DistributedDataParallel):
-                raise ValueError(f"ClanTrainer expects a DistributedDataParallel model, got {type(model).__name__}.")
-            model.register_comm_hook(self._guard, guarded_allreduce_hook)
-            self._guard_registered = True
+        if not isinstance(model, DistributedDataParallel):
+            raise ValueError(f"ClanTrainer expects a DistributedDataParallel model, got {type(model).__name__}.")
+        # Each member's buffers (e.g. batch-norm statistics) are its own: DDP must not copy rank 0's at each forward.
+        if hasattr(model, "forward_sync_buffers"):
+            model.forward_sync_buffers = False
+        else:  # torch < 2.13
+            model.broadcast_buffers = False
         if self._competitive:
             with self.accelerator.no_sync(model):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:
-            self._check_gradients()
+            self._check_gradients(model)
         return loss
 
-    def _check_gradients(self) -> None:
-        """After the last backward of a step: a member with a non-finite gradient skips its update and ranks last."""
-        if self._competitive:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        else:
-            finite = self._guard.finish()  # a collective: every rank calls it on every cooperative step
+    def _check_gradients(self, model: DistributedDataParallel) -> None:
+        """After the last backward of a step: a member with a non-finite gradient skips its update and ranks last.
+
+        The check costs nothing extra: the step's gradient norm is computed once here and reused by the clip and
+        the logs. A non-finite contribution makes the all-reduced gradient non-finite on every rank alike, so in
+        that rare cooperative step every rank recomputes its own gradient and the healthy members share theirs
+        without it.
+        """
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        if self._grad_norm is None or torch.isfinite(self._grad_norm):
+            return
+        finite = False
+        if not self._competitive:
+            self._recompute_own_gradients(model)
+            finite = average_finite_gradients(params)  # a collective: every rank is here
+            self._grad_norm = None
         if finite:
             return
         for param in self.model.parameters():
@@ -277,10 +306,26 @@ class ClanTrainer(Trainer):
             )
         self._diverged = True
 
+    def _recompute_own_gradients(self, model: DistributedDataParallel) -> None:
+        """Run this step's micro-batches again without gradient sync, from the step's RNG state: each rank then holds
+        the gradient it contributed, as it was before the all-reduce."""
+        batches, num_items, rng = self._step_inputs
+        self.model.zero_grad(set_to_none=True)
+        with _rng_restored(rng), self.accelerator.no_sync(model):
+            for inputs in batches:
+                super().training_step(model, inputs, num_items)
+
     def _clip_grad_norm(self, model: nn.Module):
-        if "max_grad_norm" not in self._expressed:
-            return super()._clip_grad_norm(model)
-        return self.accelerator.clip_grad_norm_(model.parameters(), self._expressed["max_grad_norm"])
+        max_norm = self._expressed.get("max_grad_norm", self.args.max_grad_norm)
+        if self._grad_norm is None or self.accelerator.scaler is not None:  # fp16 grads are unscaled first
+            return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, self._grad_norm)
+        return self._grad_norm
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        if grad_norm is None and self._grad_norm is not None and self.accelerator.scaler is None:
+            return self._grad_norm
+        return super()._get_grad_norm(model, grad_norm)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint not in (None, False):
@@ -292,6 +337,14 @@ class ClanTrainer(Trainer):
         if self.fitness_metric:
             self._check_fitness_metric()
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token, private)
+        except Exception as error:
+            if not self._initializing:
+                raise
+            self._hub_error = f"{type(error).__name__}: {error}"  # raised on every rank in __init__
 
     # ---- Checkpoints ----
     # A checkpoint holds every member (each rank writes its own under clan/member-{i}), the clan's genomes and
@@ -435,6 +488,7 @@ class ClanTrainer(Trainer):
         finite = [f for f in fitness if math.isfinite(f)]
         best = rank_members(fitness, self.greater_is_better)[0]
         logs = {
+            "clan/round": round_index,
             "clan/fitness_min": min(finite, default=math.nan),
             "clan/fitness_median": statistics.median(finite) if finite else math.nan,
             "clan/fitness_max": max(finite, default=math.nan),
@@ -452,6 +506,38 @@ class ClanTrainer(Trainer):
             if member in plan:
                 logs[f"{prefix}/cloned_from"] = plan[member]
         self.log(logs)
+
+    # ---- Evaluation ----
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Evaluate every member on its own weights over the whole dataset (default `eval_dataset`), unsharded.
+
+        The best member's metrics (by the clan's fitness: eval loss, or `metric_for_best_model`) are reported as
+        `{metric_key_prefix}_*`, exactly as one process evaluating that member's saved model would find them, so
+        `metric_for_best_model` and `EarlyStoppingCallback` see one well-defined model. Every member's metrics are
+        also under `{metric_key_prefix}_clan/member_{i}/*`. After `train()` every member is the best one.
+        """
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        metrics, _ = evaluate_clan(self, dataset, ignore_keys, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """Like [`~ClanTrainer.evaluate`], returning the best member's predictions on `test_dataset` (every rank
+        gets them) with the metrics."""
+        metrics, best = evaluate_clan(self, test_dataset, ignore_keys, metric_key_prefix, keep_predictions=True)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
+        return PredictionOutput(predictions=best.predictions, label_ids=best.label_ids, metrics=metrics)
 
     # ---- Fitness ----
 
@@ -617,6 +703,25 @@ class ClanTrainer(Trainer):
             f"- Accelerate: {accelerate.__version__}",
         ]
         return "\n".join(lines) + "\n"
+
+
+def _rng_state() -> dict:
+    """The random state a step starts from (dropout masks), CPU and current CUDA device."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+@contextlib.contextmanager
+def _rng_restored(state: dict):
+    """Run the block from `state`, then continue from where the random state was before it."""
+    devices = [torch.cuda.current_device()] if "cuda" in state else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+        yield
 
 
 class _RoundCallback(TrainerCallback):

@@ -223,58 +223,24 @@ def broadcast_batches(batches: list[Mapping], src: int, device: torch.device) ->
     return out
 
 
-class GradientGuard:
-    """State of `guarded_allreduce_hook`, which keeps a non-finite gradient out of the clan's shared gradient.
+def average_finite_gradients(params: list[nn.Parameter]) -> bool:
+    """Average the gradients in `params` over the ranks whose gradients are all finite; clear them on the others.
 
-    Register with `ddp_model.register_comm_hook(guard, guarded_allreduce_hook)`. Each bucket is all-reduced like
-    DDP's default hook (divide by the world size, then sum), except that a rank whose bucket holds NaN/inf contributes
-    zeros. `finish()` then tells every rank how many contributions each bucket had and which ranks were finite in
-    every bucket (one small all-reduce per step), and rescales the average over those healthy members only.
-
-    A rank whose gradient is non-finite in some buckets only has already contributed its finite ones, which nobody
-    can take back out; then no member may apply that step's gradient, and `finish()` clears it on every rank.
+    Called by every rank, each holding its own local gradient (None counts as zeros), when the clan's shared
+    gradient came out non-finite. A non-finite rank contributes zeros and ends with no gradients, so it skips its
+    update; the others end with the mean of the healthy ranks' gradients. Returns whether this rank was finite.
     """
-
-    def __init__(self, world_size: int):
-        self.world_size = world_size
-        self.flags: list[torch.Tensor] = []
-        self.buckets: list[list[nn.Parameter]] = []
-
-    def finish(self) -> bool:
-        """Call on every rank after a synced backward. Returns whether this rank's own gradient was finite."""
-        device = comm_device()
-        flags = torch.stack(self.flags).to(device) if self.flags else torch.ones(0, dtype=torch.bool, device=device)
-        # Per bucket, how many ranks contributed; last, how many ranks were finite in every bucket.
-        stats = torch.cat([flags, flags.all().reshape(1)]).to(torch.float32)
-        dist.all_reduce(stats)
-        *counts, healthy_count = stats.tolist()
-        locally_finite = bool(flags.all())
-        if min(counts, default=self.world_size) < self.world_size:
-            # Every bucket's contributors include the healthy members; exactly them unless a partly-finite rank
-            # slipped its finite buckets in.
-            clean = all(count == healthy_count for count in counts)
-            if not clean:
-                logger.warning(
-                    "A member's gradient was non-finite in some layers only and its other layers entered the shared "
-                    "gradient: no member applies this step."
-                )
-            with torch.no_grad():
-                for count, params in zip(counts, self.buckets, strict=True):
-                    for param in params:
-                        if not clean or not count:
-                            param.grad = None
-                        elif param.grad is not None:
-                            param.grad.mul_(self.world_size / count)
-        self.flags, self.buckets = [], []
-        return locally_finite
-
-
-def guarded_allreduce_hook(guard: GradientGuard, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    buffer = bucket.buffer()
-    finite = torch.isfinite(buffer).all()
-    guard.flags.append(finite)
-    guard.buckets.append(bucket.parameters())
-    buffer.masked_fill_(~finite, 0.0)
-    buffer.div_(guard.world_size)
-    work = dist.all_reduce(buffer, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    finite = all(bool(torch.isfinite(g).all()) for g in grads)
+    healthy = torch.tensor([float(finite)], device=comm_device())
+    dist.all_reduce(healthy)
+    count = healthy.item()  # at least 1 on a finite rank
+    with torch.no_grad():
+        for indices in _flat_groups([(tuple(g.shape), g.dtype) for g in grads]).values():
+            flat = _pack(grads, indices)
+            if not finite:
+                flat.zero_()
+            dist.all_reduce(flat)
+            for i, chunk in zip(indices, flat.split([grads[i].numel() for i in indices]), strict=True):
+                params[i].grad = chunk.view_as(params[i]).to(params[i].device).div_(count) if finite else None
+    return finite

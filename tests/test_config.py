@@ -14,7 +14,8 @@ def test_defaults(tmp_path):
     args = config(tmp_path)
     assert (args.round_steps, args.duty_cycle) == (200, 0.15)
     assert list(args.genes) == ["learning_rate", "weight_decay"]
-    assert args.ddp_broadcast_buffers is False
+    assert args.ddp_broadcast_buffers is None  # the clan turns DDP's buffer sync off itself, with no warning
+    assert config(tmp_path, ddp_broadcast_buffers=False).ddp_broadcast_buffers is None
     assert isinstance(args, TrainingArguments)
     search = (args.initial_spread, args.step_size_control, args.mirrored_clones, args.resample_probability)
     assert search == ("stratified", "success", True, 0.25)

@@ -117,52 +117,48 @@ def check_diverging_member(output_dir, fault_steps, competitive):
     assert max(r["round"] for r in trainer.clan_history) == 2, "the run finished with its final evaluation"
 
 
-def check_guard_buckets():
-    """The guard on a bare DDP model, one parameter per bucket: a member non-finite everywhere is averaged out; a
-    member non-finite in one bucket only has leaked its other buckets into the sum, so nobody applies that step."""
+def check_non_finite_shared_gradient():
+    """On a bare DDP model, one parameter per bucket: a rank non-finite in any one bucket makes the all-reduced
+    gradient non-finite on every rank (what lets the clan check only the sum), and `average_finite_gradients` then
+    averages the healthy ranks' own gradients and clears the others'."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from clantune_hf.exchange import GradientGuard, guarded_allreduce_hook
+    from clantune_hf.exchange import average_finite_gradients
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     ddp = DistributedDataParallel(model, bucket_cap_mb=1e-6)
-    guard = GradientGuard(dist.get_world_size())
-    ddp.register_comm_hook(guard, guarded_allreduce_hook)
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     x = torch.full((2, 4), float(rank + 1))
+    params = list(model.parameters())
+    local = [g.clone() for g in torch.autograd.grad(model(x).sum(), params)]
+    grads = [None] * world
+    dist.all_gather_object(grads, local)
+    healthy_mean = [sum(grads[r][i] for r in range(world) if r != 1) / (world - 1) for i in range(len(params))]
 
-    def step(poison=None):
+    for poisoned in (params, [model[1].weight]):  # every layer, then one bucket of four
+        handles = [p.register_hook(lambda g: g * math.nan) for p in poisoned] if rank == 1 else []
+        for _ in range(2):  # DDP rebuilds its buckets after the first step
+            model.zero_grad(set_to_none=True)
+            ddp(x).sum().backward()
+        shared = torch.nn.utils.get_total_norm([p.grad for p in params])
+        assert not torch.isfinite(shared), f"rank {rank} sees a finite shared gradient"
         model.zero_grad(set_to_none=True)
-        handles = [p.register_hook(lambda g: g * math.nan) for p in (poison or [])]
-        ddp(x).sum().backward()
+        with ddp.no_sync():
+            ddp(x).sum().backward()  # each rank's own gradient, poisoned on rank 1
         for h in handles:
             h.remove()
-        buckets.append(len(guard.flags))
-        return guard.finish()
-
-    buckets = []
-    step()  # DDP rebuilds its buckets after the first step
-    step()
-    assert buckets[-1] == 4, f"one bucket per parameter, got {buckets}"
-    local = torch.autograd.grad(model(x).sum(), list(model.parameters()))
-    grads = [None] * dist.get_world_size()
-    dist.all_gather_object(grads, [g.clone() for g in local])
-
-    healthy = step(list(model.parameters()) if rank == 1 else None)
-    assert healthy == (rank != 1)
-    if rank != 1:
-        others = [grads[r] for r in range(dist.get_world_size()) if r != 1]
-        for i, p in enumerate(model.parameters()):
-            assert torch.allclose(p.grad, sum(g[i] for g in others) / len(others)), "the mean of the healthy members"
-
-    healthy = step([model[1].weight] if rank == 1 else None)
-    assert healthy == (rank != 1)
-    assert all(p.grad is None for p in model.parameters()), "a partly poisoned sum is applied by nobody"
+        finite = average_finite_gradients(params)
+        assert finite == (rank != 1)
+        if rank == 1:
+            assert all(p.grad is None for p in params), "the non-finite rank skips its update"
+        else:
+            for p, expected in zip(params, healthy_mean, strict=True):
+                assert torch.allclose(p.grad, expected), "the mean of the healthy members"
 
 
-def test_guard_averages_over_healthy_members_and_drops_a_partly_poisoned_step(tmp_path):
-    run_clan(check_guard_buckets, 3)
+def test_a_non_finite_contribution_is_seen_by_every_rank_and_averaged_out(tmp_path):
+    run_clan(check_non_finite_shared_gradient, 3)
 
 
 def test_nan_loss_in_cooperative_steps_is_kept_out_of_the_shared_gradient(tmp_path):

@@ -87,6 +87,8 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, "load_best_model"),
         ({"deepspeed": {"zero_optimization": {"stage": 2}}}, "deepspeed"),
         ({"fsdp": "full_shard"}, "fsdp"),
+        ({"torch_compile": True}, "torch_compile"),
+        ({"auto_find_batch_size": True}, "auto_find_batch_size"),
     ],
 )
 def test_config_refuses_naming_the_field(tmp_path, kwargs, field):
@@ -192,6 +194,19 @@ def check_trainer_refusals(output_dir):
 
 def test_trainer_refuses_before_any_step(tmp_path):
     run_clan(check_trainer_refusals, 2, str(tmp_path))
+
+
+def check_dynamo_backend_refused(output_dir):
+    import os
+
+    os.environ["ACCELERATE_DYNAMO_BACKEND"] = "inductor"  # what `accelerate config` writes for torch.compile
+    with pytest.raises(ValueError, match="`dynamo_backend`"):
+        ClanTrainer(tiny_gpt2(), config(output_dir, max_steps=8, round_steps=4), train_dataset=PatternDataset(8),
+                    eval_dataset=PatternDataset(8))  # fmt: skip
+
+
+def test_an_accelerate_config_that_compiles_is_refused(tmp_path):
+    run_clan(check_dynamo_backend_refused, 2, str(tmp_path))
 
 
 def test_a_single_process_is_refused_with_how_to_launch(tmp_path):

@@ -1,0 +1,161 @@
+"""What a member's evaluation measures, and what `ClanTrainer.evaluate` / `predict` report.
+
+A member is evaluated on the whole dataset, unsharded, on its own weights: `Trainer.evaluate` would shard the data
+across ranks and so blend P different models into one number. The loss is the model's own loss on each batch,
+averaged over samples, as one process evaluating the saved model would compute it (no token count gathered across
+ranks, no label smoothing). `evaluate_member` runs on one rank with no collective, so a fitness pass cannot hang a
+clan whose members do not all evaluate; `evaluate_clan` then gathers every member's metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import torch
+import torch.distributed as dist
+from accelerate.utils import send_to_device
+from torch.utils.data import DataLoader, Dataset, Subset
+from transformers.trainer_pt_utils import find_batch_size, nested_concat, nested_detach, nested_numpify
+from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, speed_metrics
+
+from .genetics import rank_members
+from .history import latest_best
+
+if TYPE_CHECKING:
+    from .clan_trainer import ClanTrainer
+
+
+@dataclass
+class MemberEvaluation:
+    """One member's pass over a dataset. `metrics` has no prefix: `loss` (when the data has labels) and whatever
+    compute_metrics returned."""
+
+    metrics: dict[str, float]
+    num_samples: int
+    num_batches: int
+    predictions: Any = None
+    label_ids: Any = None
+
+
+def unsharded_dataloader(trainer: ClanTrainer, dataset: Dataset, limit: int | None = None) -> DataLoader:
+    """`dataset` (or its first `limit` samples) in order, the same on every rank."""
+    collator = trainer.data_collator
+    if limit is not None:
+        indices = range(min(limit, len(dataset)))
+        dataset = dataset.select(indices) if isinstance(dataset, datasets.Dataset) else Subset(dataset, indices)
+    if isinstance(dataset, datasets.Dataset):
+        dataset = trainer._remove_unused_columns(dataset, description="evaluation")
+    else:
+        collator = trainer._get_collator_with_removed_columns(collator, description="evaluation")
+    return DataLoader(
+        dataset,
+        batch_size=trainer.args.eval_batch_size,
+        collate_fn=collator,
+        num_workers=trainer.args.dataloader_num_workers,
+        pin_memory=trainer.args.dataloader_pin_memory,
+    )
+
+
+def evaluate_member(
+    trainer: ClanTrainer,
+    loader: DataLoader,
+    batches: int | None = None,
+    ignore_keys: list[str] | None = None,
+    compute_metrics: bool = True,
+    keep_predictions: bool = False,
+) -> MemberEvaluation:
+    """This rank's member on `loader` (its first `batches` batches): loss, compute_metrics, and the predictions."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    # The model's own loss, not the member's label smoothing: what a user evaluating the saved model measures.
+    smoother, trainer.label_smoother = trainer.label_smoother, None
+    if ignore_keys is None:
+        ignore_keys = getattr(getattr(model, "config", None), "keys_to_ignore_at_inference", None) or []
+    score = compute_metrics and trainer.compute_metrics is not None
+    total = torch.zeros((), dtype=torch.float64, device=trainer.args.device)
+    samples = labelled = steps = 0
+    predictions = labels = None
+    try:
+        for inputs in itertools.islice(loader, batches):
+            inputs = trainer._prepare_inputs(inputs)
+            has_labels = bool(trainer.label_names) and all(inputs.get(k) is not None for k in trainer.label_names)
+            label_ids = nested_detach(tuple(inputs.get(name) for name in trainer.label_names)) if has_labels else None
+            batch_size = find_batch_size(inputs)
+            with torch.no_grad(), trainer.compute_loss_context_manager():
+                if has_labels:
+                    loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+                    total += loss.detach().double() * batch_size
+                    labelled += batch_size
+                else:
+                    outputs = model(**inputs)
+            samples += batch_size
+            steps += 1
+            if not (score or keep_predictions):
+                continue
+            if isinstance(outputs, dict):
+                logits = tuple(v for k, v in outputs.items() if k not in [*ignore_keys, "loss"])
+            else:
+                logits = tuple(outputs[1:] if has_labels else outputs)
+            logits = logits[0] if len(logits) == 1 else logits
+            if label_ids is not None and len(label_ids) == 1:
+                label_ids = label_ids[0]
+            if trainer.preprocess_logits_for_metrics is not None:
+                logits = trainer.preprocess_logits_for_metrics(logits, label_ids)
+            logits, label_ids = send_to_device((nested_detach(logits), label_ids), "cpu")
+            predictions = logits if predictions is None else nested_concat(predictions, logits, -100)
+            if label_ids is not None:
+                labels = label_ids if labels is None else nested_concat(labels, label_ids, -100)
+    finally:
+        trainer.label_smoother = smoother
+        model.train(was_training)
+    predictions, labels = (None if t is None else nested_numpify(t) for t in (predictions, labels))
+    metrics = {}
+    if score and predictions is not None:
+        metrics = denumpify_detensorize(
+            trainer.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
+        )
+    if labelled:
+        metrics["loss"] = (total / labelled).item()
+    return MemberEvaluation(metrics, samples, steps, predictions if keep_predictions else None, labels)
+
+
+def evaluate_clan(
+    trainer: ClanTrainer,
+    dataset: Dataset,
+    ignore_keys: list[str] | None,
+    prefix: str,
+    keep_predictions: bool = False,
+) -> tuple[dict[str, float], MemberEvaluation]:
+    """Every member evaluated on its own weights; called by every rank.
+
+    Returns the metrics to report and the best member's evaluation (its predictions, on every rank, when
+    `keep_predictions`). The best member is the one this evaluation ranks first by the clan's fitness key; its
+    metrics are `{prefix}_*`, and every member's are also under `{prefix}_clan/member_{i}/*`.
+    """
+    start = time.time()
+    own = evaluate_member(
+        trainer, unsharded_dataloader(trainer, dataset), ignore_keys=ignore_keys, keep_predictions=keep_predictions
+    )
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, own.metrics)
+    key = (trainer.fitness_metric or "loss").removeprefix("eval_")
+    if all(key in metrics for metrics in every):
+        best = rank_members([float(m[key]) for m in every], trainer.greater_is_better)[0]
+    else:  # e.g. data without labels: the clan's best at its last selection
+        best = latest_best(trainer.clan_history, trainer.greater_is_better) if trainer.clan_history else 0
+    metrics = {f"{prefix}_{name}": value for name, value in every[best].items()}
+    metrics.update(speed_metrics(prefix, start, num_samples=own.num_samples, num_steps=own.num_batches))
+    metrics[f"{prefix}_clan/best_member"] = best
+    width = len(str(len(every) - 1))
+    for member, member_metrics in enumerate(every):
+        metrics.update({f"{prefix}_clan/member_{member:0{width}d}/{k}": v for k, v in member_metrics.items()})
+    if keep_predictions:
+        held = [(own.predictions, own.label_ids)]
+        dist.broadcast_object_list(held, src=best)
+        own.predictions, own.label_ids = held[0]
+    return metrics, own
