@@ -10,7 +10,7 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from transformers import TrainingArguments
 
-from .genes import DEFAULT_GENES, build_gene, parse_gene_options
+from .genes import DEFAULT_GENES, build_gene, describe_expressions, is_custom, parse_gene_options
 from .genetics import SPREADS, STEP_SIZE_CONTROLS
 
 
@@ -38,10 +38,15 @@ class ClanConfig(TrainingArguments):
         genes (`list[str]` or `dict[str, dict]`, *optional*, defaults to `["learning_rate", "weight_decay"]`):
             Hyperparameters the clan schedules. Optimizer genes: `learning_rate`, `weight_decay`, `adam_beta1`,
             `adam_beta2`, `adam_epsilon`, `max_grad_norm`. Specialized genes: `dropout` (every dropout probability
-            of the model), `label_smoothing_factor`. Starting values come from the fields of the same name (and from
-            the model for `dropout`). A dict customizes a gene, e.g.
-            `{"learning_rate": {"low": 1e-5, "high": 1e-2, "scale": "log", "mutation_scale": 0.3}}`; on the
-            command line give names (`--genes learning_rate dropout`) or that dict as JSON.
+            of the model), `label_smoothing_factor`, `gradient_accumulation_steps` (an integer gene). Starting values
+            come from the fields of the same name (and from the model for `dropout`). A dict customizes a gene, e.g.
+            `{"learning_rate": {"low": 1e-5, "high": 1e-2, "scale": "log", "mutation_scale": 0.3}}`, and a
+            specialized gene's `consensus` (`"mean"` or `"median"`). A dict entry with a name of your own declares
+            a gene of your own: `{"aux_weight": {"value": 0.5, "low": 0.0, "high": 2.0, "expression": "aux_weight"}}`
+            with `expression` a callable `expression(trainer, value)` or an attribute path from the trainer, and
+            optionally `kind` (`"specialized"`, the default, or `"optimizer"`), `scale`, `integer`,
+            `mutation_scale`, `consensus`. On the command line give names (`--genes learning_rate dropout`) or the
+            dict as JSON (attribute paths only).
 
         > Parameters that control selection
 
@@ -98,7 +103,8 @@ class ClanConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Hyperparameters the clan schedules: names (e.g. `--genes learning_rate dropout`) or a JSON dict "
-            "of per-gene options `low`, `high`, `scale`, `mutation_scale`. Defaults to learning_rate and weight_decay."
+            "of per-gene options `low`, `high`, `scale`, `mutation_scale`, `consensus`, or of genes of your own "
+            "(`value`, `low`, `high`, `expression`: an attribute path). Defaults to learning_rate and weight_decay."
         },
     )
 
@@ -151,6 +157,12 @@ class ClanConfig(TrainingArguments):
         default=None,
         metadata={"help": "Must not be True: each member keeps its own buffers (ClanTrainer turns DDP's sync off)."},
     )
+
+    def to_dict(self) -> dict:
+        # A callable expression of a gene is code, not a setting: logs and JSON get its name.
+        d = super().to_dict()
+        d["genes"] = describe_expressions(self.genes)
+        return d
 
     def __post_init__(self):
         # Refused before TrainingArguments.__post_init__ would import DeepSpeed or set up sharding.
@@ -239,11 +251,17 @@ class ClanConfig(TrainingArguments):
         if isinstance(genes, str):
             genes = json.loads(genes) if genes.lstrip().startswith("{") else genes.split()
         self.genes = parse_gene_options(DEFAULT_GENES if genes is None else genes)
-        # A gene starts from the field of the same name: refuse a value outside its domain or bounds now, not at the
-        # first step. (The dropout gene starts from the model's dropout; ClanTrainer checks it.)
+        # A gene starts from the field of the same name (a gene of the user's own from its `value`): refuse a value
+        # outside its domain or bounds now, not at the first step. (The dropout gene starts from the model's dropout;
+        # ClanTrainer checks it.)
         for name, options in self.genes.items():
             if name != "dropout":
-                build_gene(name, float(getattr(self, name)), options)
+                build_gene(name, float(options["value"] if is_custom(options) else getattr(self, name)), options)
+        if "gradient_accumulation_steps" in self.genes and self.max_steps <= 0:
+            raise ValueError(
+                "The `gradient_accumulation_steps` gene changes how many optimizer steps an epoch holds, so the run's "
+                "length must be set in steps: set `max_steps` instead of num_train_epochs."
+            )
         if "learning_rate" in self.genes and self.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy"):
             raise ValueError(
                 f"`lr_scheduler_type={self.lr_scheduler_type.value!r}` adapts the learning rate itself, leaving the "

@@ -5,6 +5,7 @@ import itertools
 import math
 import os
 import statistics
+import sys
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, PredictionOutput
 from transformers.utils import logging
 
+from .accumulation import GENE as ACCUMULATION
+from .accumulation import micro_batches, to_slots
 from .checkpoint import (
     is_complete,
     last_checkpoint,
@@ -41,9 +44,9 @@ from .exchange import (
     recv_member,
     send_member,
 )
-from .expression import check_expressible, decay_groups, express
+from .expression import check_expressible, custom_expressions, decay_groups, express
 from .fitness import WeightAverage, fitness_dataloader, member_fitness
-from .genes import OPTIMIZER, build_gene
+from .genes import OPTIMIZER, build_gene, describe_expressions, is_custom
 from .genetics import (
     Genome,
     Search,
@@ -170,6 +173,9 @@ class ClanTrainer(Trainer):
         self.greater_is_better = bool(args.greater_is_better) if self.fitness_metric else False
         # Captured now: the dropout gene reads the model, whose dropout the clan changes during training.
         self.base_genome: Genome = self._base_genome()
+        self._custom = custom_expressions(args.genes)
+        for name, expression in self._custom.items():
+            expression.check(self, name)
         self.search = Search(
             initial_spread=args.initial_spread,
             resample_probability=args.resample_probability,
@@ -207,7 +213,10 @@ class ClanTrainer(Trainer):
         """Each gene at the value the user configured (the model's dropout for `dropout`)."""
         genome = {}
         for name, options in self.args.genes.items():
-            value = mean_dropout(self.model) if name == "dropout" else float(getattr(self.args, name))
+            if is_custom(options):
+                value = float(options["value"])
+            else:
+                value = mean_dropout(self.model) if name == "dropout" else float(getattr(self.args, name))
             genome[name] = build_gene(name, value, options)
         return genome
 
@@ -227,7 +236,7 @@ class ClanTrainer(Trainer):
         if self._decay_groups is None:  # the optimizer exists from the first step on
             check_expressible(self, values)
             self._decay_groups = decay_groups(self)
-        express(self, values, self._schedule_base_lrs, self._decay_groups)
+        express(self, values, self._schedule_base_lrs, self._decay_groups, self._custom)
         self._expressed = values
         self._expressed_phase = competitive
 
@@ -243,25 +252,60 @@ class ClanTrainer(Trainer):
         """Called once per optimizer step, before any forward: switch phase, and in competitive steps share data."""
         self._competitive = self._is_competitive(self.state.global_step)
         self._express(self._competitive)
-        batches = list(itertools.islice(epoch_iterator, num_batches))
+        count, fetch = self._accumulation(num_batches)
+        batches = list(itertools.islice(epoch_iterator, fetch))
         if self._competitive:
-            # Every rank now holds the same batches, so the token count gathered across ranks is P times the local
-            # one, and compute_loss's multiplication by P leaves each member's own per-token mean.
-            batches = broadcast_batches(batches, src=0, device=device)
-        elif not self.accelerator.even_batches:
-            # Without accelerate's even batches, a rank that ran short of data would leave the others waiting in
-            # DDP's all-reduce: every rank runs only as many micro-batches as the shortest.
-            count = agree_on_count(len(batches))
-            if count < len(batches):
-                dropped = len(batches) - count
-                logger.warning(f"Member {self.member}: another rank ran short of data; {dropped} batch(es) dropped.")
-                batches = batches[:count]
-        num_items = self._get_num_items_in_batch(batches, device)
+            # Every member trains on rank 0's batches, each on as many as its own accumulation count.
+            batches = broadcast_batches(batches, src=0, device=device)[:count]
+            num_items = self._own_num_items(batches, device)
+        else:
+            if not self.accelerator.even_batches:
+                # Without accelerate's even batches, a rank that ran short of data would leave the others waiting
+                # in DDP's all-reduce: every rank runs only as many micro-batches as the shortest.
+                agreed = agree_on_count(len(batches))
+                if agreed < len(batches):
+                    dropped = len(batches) - agreed
+                    logger.warning(
+                        f"Member {self.member}: another rank ran short of data; {dropped} batch(es) dropped."
+                    )
+                    batches = batches[:agreed]
+            num_items = self._get_num_items_in_batch(batches, device)
         # Kept so that the rare step whose shared gradient is non-finite can recompute each member's own.
         self._step_inputs = (batches, num_items, _rng_state())
-        return batches, num_items
+        return to_slots(batches, num_batches), num_items
 
-    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+    def _accumulation(self, num_batches: int) -> tuple[int, int]:
+        """How many micro-batches this member accumulates this step, and how many every rank draws from its data
+        (the same on every rank, so their epochs end together)."""
+        if ACCUMULATION not in self._expressed:
+            return num_batches, num_batches
+        count = int(self._expressed[ACCUMULATION])
+        if not self._competitive:
+            return count, count  # the clan's consensus
+        return count, max(int(genome[ACCUMULATION].value) for genome in self.genomes)
+
+    def _own_num_items(self, batches: list[dict], device: torch.device) -> Any:
+        """The token count of this member's own micro-batches, times P: what the Trainer's count gathered across
+        ranks would be if every rank held them, so compute_loss's multiplication by P leaves the member's own
+        per-token mean. No collective: members may hold different numbers of micro-batches."""
+        gathered = self.args.average_tokens_across_devices
+        self.args.average_tokens_across_devices = False
+        try:
+            count = self._get_num_items_in_batch(batches, device)
+        finally:
+            self.args.average_tokens_across_devices = gathered
+        return count * self.clan_size if gathered and count is not None else count
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader) -> tuple:
+        values = super().set_initial_training_values(args, dataloader)
+        if ACCUMULATION not in self.args.genes:
+            return values
+        # A member's step takes its own number of micro-batches, so how many steps an epoch holds is not known
+        # ahead: run epochs until max_steps, as the Trainer does for data without a length.
+        return (sys.maxsize, *values[1:])
+
+    def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch=None) -> torch.Tensor:
+        """Run one slot of micro-batches (see accumulation.py); after the step's last, check its gradient."""
         if not isinstance(model, DistributedDataParallel):
             raise ValueError(f"ClanTrainer expects a DistributedDataParallel model, got {type(model).__name__}.")
         # Each member's buffers (e.g. batch-norm statistics) are its own: DDP must not copy rank 0's at each forward.
@@ -269,11 +313,15 @@ class ClanTrainer(Trainer):
             model.forward_sync_buffers = False
         else:  # torch < 2.13
             model.broadcast_buffers = False
-        if self._competitive:
-            with self.accelerator.no_sync(model):
-                loss = super().training_step(model, inputs, num_items_in_batch)
-        else:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+        # Each micro-batch's loss is divided by the member's own count (when it is not normalized by num_items).
+        self.current_gradient_accumulation_steps = max(len(self._step_inputs[0]), 1)
+        batches = micro_batches(inputs)
+        loss = torch.zeros((), device=self.args.device)
+        for i, batch in enumerate(batches):
+            # Gradients are all-reduced once a step: at the last micro-batch of the last slot, when cooperating.
+            sync = not self._competitive and i == len(batches) - 1
+            with contextlib.nullcontext() if sync else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, batch, num_items_in_batch)
         if self.accelerator.sync_gradients:
             self._check_gradients(model)
         return loss
@@ -365,7 +413,12 @@ class ClanTrainer(Trainer):
             self._checkpoint_weights = None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, self._checkpoint_weights if state_dict is None else state_dict)
+        # The Trainer pickles `args`; a gene's callable expression is code (maybe a lambda), so it goes by its name.
+        genes, self.args.genes = self.args.genes, describe_expressions(self.args.genes)
+        try:
+            super()._save(output_dir, self._checkpoint_weights if state_dict is None else state_dict)
+        finally:
+            self.args.genes = genes
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Nothing at the top level: each member's optimizer and scheduler are in its own folder (save_member)."""
@@ -458,6 +511,12 @@ class ClanTrainer(Trainer):
                 "lr_scheduler_type": str(self.args.lr_scheduler_type.value),
                 "warmup_steps": self.args.get_warmup_steps(self.state.max_steps),
                 "genes": genome_values(self.base_genome),
+                # A replay applies the user's own genes itself when their expression is an attribute path.
+                "expressions": {
+                    name: expression.how if isinstance(expression.how, str) else None
+                    for name, expression in self._custom.items()
+                },
+                "integers": sorted(name for name, gene in self.base_genome.items() if gene.integer),
             },
         )
         if self.args.should_save:

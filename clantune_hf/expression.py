@@ -2,17 +2,66 @@
 
 `ClanTrainer` expresses a member's genome at every phase change; `ScheduleReplayCallback` expresses a discovered
 schedule at every step of a plain `Trainer`. Both go through `express`, so a replay does exactly what the clan did.
-`max_grad_norm` is left to the caller: the clan clips in `_clip_grad_norm`, a replay through `args.max_grad_norm`.
+`max_grad_norm` is left to the caller: the clan clips in `_clip_grad_norm`, a replay through `args.max_grad_norm`;
+so is `gradient_accumulation_steps`, which decides how many micro-batches the next step takes (accumulation.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from transformers import Trainer
 from transformers.trainer_pt_utils import LabelSmoother
 
 from .dropout import set_dropout
+from .genes import is_custom
+
+ExpressionLike = Callable[[Any, float], None] | str  # what a `genes` entry gives as its `expression`
+
+
+@dataclass(frozen=True)
+class Expression:
+    """How a gene of the user's own reaches training: `how(trainer, value)`, or an attribute path from the trainer."""
+
+    how: ExpressionLike
+    integer: bool = False
+
+    def check(self, trainer: Trainer, name: str) -> None:
+        """Refuse an attribute path that does not lead anywhere on this trainer, before any compute."""
+        if callable(self.how):
+            return
+        target = trainer
+        for i, attribute in enumerate(self.how.split(".")):
+            if not hasattr(target, attribute):
+                reached = ".".join(["trainer", *self.how.split(".")[:i]])
+                raise ValueError(
+                    f"`genes[{name!r}]['expression']` = {self.how!r}: {reached} has no attribute {attribute!r}. Give "
+                    "an attribute path from the trainer that exists (e.g. 'model.config.aux_loss_coef'), or a "
+                    "callable expression(trainer, value)."
+                )
+            target = getattr(target, attribute)
+
+    def __call__(self, trainer: Trainer, value: float) -> None:
+        value = int(round(value)) if self.integer else value
+        if callable(self.how):
+            self.how(trainer, value)
+            return
+        *parents, attribute = self.how.split(".")
+        target = trainer
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, attribute, value)
+
+
+def custom_expressions(genes: dict[str, dict]) -> dict[str, Expression]:
+    """The expressions of the genes of the user's own among the parsed `genes` options."""
+    return {
+        name: Expression(options["expression"], bool(options.get("integer", False)))
+        for name, options in genes.items()
+        if is_custom(options)
+    }
 
 
 def decay_groups(trainer: Trainer) -> list[bool]:
@@ -36,12 +85,19 @@ def check_expressible(trainer: Trainer, genes: Iterable[str]) -> None:
         )
 
 
-def express(trainer: Trainer, values: dict[str, float], schedule_base_lrs: list[float], decay: list[bool]) -> None:
+def express(
+    trainer: Trainer,
+    values: dict[str, float],
+    schedule_base_lrs: list[float],
+    decay: list[bool],
+    custom: dict[str, Expression] | None = None,
+) -> None:
     """Set every gene in `values` on `trainer`.
 
     The learning rate scales the user's schedule: each group's base becomes `schedule_base_lrs[i] * value /
     args.learning_rate`, so the warmup/decay shape and the shared step counter stay. Weight decay goes to the groups
-    flagged in `decay`; betas and eps to every group; dropout to every dropout probability of the model.
+    flagged in `decay`; betas and eps to every group; dropout to every dropout probability of the model; a gene of
+    the user's own through its `custom` expression.
     """
     # Param-group dicts are looked up now: accelerate replaces them when it wraps the optimizer.
     for i, group in enumerate(trainer.optimizer.param_groups):
@@ -64,3 +120,6 @@ def express(trainer: Trainer, values: dict[str, float], schedule_base_lrs: list[
     if "label_smoothing_factor" in values:
         # Always a LabelSmoother, even at 0, so every value computes the loss the same way.
         trainer.label_smoother = LabelSmoother(epsilon=values["label_smoothing_factor"])
+    for name, expression in (custom or {}).items():
+        if name in values:
+            expression(trainer, values[name])

@@ -13,6 +13,8 @@ The search (docs/search.md explains it with its references):
 - **Mutation.** A clone mutates each gene's mutation scale first (log-normal self-adaptation), then the value with
   the new scale, reflected into the bounds. Clones made in the same round come in mirrored pairs (`u + s*z`,
   `u - s*z`), and each gene is instead drawn afresh from its bounds with probability `resample_probability`.
+- **Integer genes** (`gradient_accumulation_steps`, or a user's) mutate in their scale space like the others and are
+  rounded; their mutation scale stays above half a step and may grow past one, so a gene never sticks to a value.
 - **Step-size control.** Under elitism, self-adaptation alone rewards small steps, so the scale shrinks while a gene
   is still far from its optimum. The success rule corrects it: when a clone beats its parent on the next fitness,
   both their scales grow; when it does not, both shrink, four times more slowly (Rechenberg's 1/5th rule).
@@ -69,13 +71,18 @@ def reflect(y: float, low: float, high: float) -> float:
 
 
 def _clamp_scale(gene: Gene, scale: float) -> float:
-    return min(max(scale, MIN_SCALE_FRACTION * gene.width), MAX_SCALE_FRACTION * gene.width)
+    # An integer gene's scale stays above half its largest step and can grow past it, so it never freezes.
+    low = max(MIN_SCALE_FRACTION * gene.width, gene.unit / 2)
+    return min(max(scale, low), max(MAX_SCALE_FRACTION * gene.width, 2 * gene.unit))
 
 
 def _at(gene: Gene, y: float) -> float:
-    """The gene's value at point `y` of its scale space, reflected into its bounds."""
+    """The gene's value at point `y` of its scale space, reflected into its bounds (and rounded, for an integer)."""
     y = reflect(y, gene.to_space(gene.low), gene.to_space(gene.high))
-    return min(max(gene.from_space(y), gene.low), gene.high)  # exp/log round-off must not leave the bounds
+    value = gene.from_space(y)
+    if gene.integer:
+        value = float(round(value))
+    return min(max(value, gene.low), gene.high)  # exp/log round-off must not leave the bounds
 
 
 def mutate(genome: Genome, rng: random.Random, resample_probability: float = 0.0, mirror: bool = False) -> Genome:
@@ -125,8 +132,14 @@ def copy_genome(genome: Genome) -> Genome:
 
 
 def consensus(genomes: list[Genome], name: str) -> float:
-    """The value every member expresses for a specialized gene while the clan cooperates: the clan's mean."""
-    return statistics.fmean(genome[name].value for genome in genomes)
+    """The value every member expresses for a specialized gene while the clan cooperates: the clan's mean (or
+    median, as the gene says), rounded to the nearest allowed value for an integer gene."""
+    gene = genomes[0][name]
+    values = [genome[name].value for genome in genomes]
+    value = statistics.median(values) if gene.consensus == "median" else statistics.fmean(values)
+    if gene.integer:
+        value = min(max(float(round(value)), gene.low), gene.high)
+    return value
 
 
 def _badness(value: float, greater_is_better: bool) -> float:

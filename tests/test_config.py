@@ -1,5 +1,7 @@
 """ClanConfig: the two knobs, the genes field, the command line, and what is refused before any compute."""
 
+import json
+
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -83,3 +85,24 @@ def test_config_round_trips_through_to_dict(tmp_path):
     args = config(tmp_path, genes={"dropout": {"high": 0.4}}, round_steps=9)
     again = ClanConfig(**args.to_dict())
     assert again.genes == args.genes and again.round_steps == 9
+
+
+def test_a_gene_of_your_own_from_the_command_line(tmp_path):
+    parser = HfArgumentParser(ClanConfig)
+    genes = '{"learning_rate": {}, "aux": {"value": 0.5, "low": 0, "high": 2, "expression": "model.config.aux"}}'
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--genes", genes])
+    assert args.genes["aux"] == {"value": 0.5, "low": 0.0, "high": 2.0, "expression": "model.config.aux"}
+
+
+def test_a_callable_expression_is_logged_by_its_name(tmp_path):
+    args = config(tmp_path, genes={"aux": {"value": 0.5, "low": 0, "high": 2, "expression": lambda t, v: None}})
+    assert callable(args.genes["aux"]["expression"])
+    described = json.loads(args.to_json_string())["genes"]["aux"]["expression"]
+    assert described.startswith("<callable ") and "lambda" in described
+
+
+def test_the_accumulation_gene_needs_max_steps(tmp_path):
+    with pytest.raises(ValueError, match="`gradient_accumulation_steps` gene"):
+        config(tmp_path, genes=["gradient_accumulation_steps"], num_train_epochs=2)
+    args = config(tmp_path, genes=["gradient_accumulation_steps"], gradient_accumulation_steps=4, max_steps=400)
+    assert args.genes == {"gradient_accumulation_steps": {}}

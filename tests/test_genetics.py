@@ -1,5 +1,6 @@
 """The pure genetics, in one process: genes, mutation, consensus, selection."""
 
+import dataclasses
 import math
 import random
 
@@ -34,7 +35,8 @@ def genome(**values):
 
 def test_every_gene_gets_default_bounds_around_its_value():
     starts = {"learning_rate": 3e-4, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
-              "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "dropout": 0.1, "label_smoothing_factor": 0.0}  # fmt: skip
+              "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "dropout": 0.1, "label_smoothing_factor": 0.0,
+              "gradient_accumulation_steps": 2}  # fmt: skip
     assert set(starts) == set(GENE_SPECS)
     for name, value in starts.items():
         gene = build_gene(name, value, {})
@@ -68,6 +70,81 @@ def test_bad_genes_are_refused_with_the_field_named(genes, message):
     with pytest.raises(ValueError, match="genes") as err:
         parse_gene_options(genes)
     assert message in str(err.value)
+
+
+def set_aux(trainer, value):
+    trainer.aux = value
+
+
+@pytest.mark.parametrize(
+    "genes, message",
+    [
+        ({"aux": {"value": 0.5, "low": 0, "high": 1, "expression": 3}}, "must be a callable"),
+        ({"aux": {"value": 0.5, "low": 0, "high": 1, "expression": ""}}, "must be a callable"),
+        ({"aux": {"value": 0.5, "low": 0, "high": 1}}, "needs ['expression']"),
+        ({"aux": {"low": 0, "high": 1}}, "unknown gene 'aux'"),
+        ({"aux": {"value": 0.5, "low": 0, "expression": set_aux}}, "needs ['high']"),
+        ({"aux": {"value": 0.5, "low": 0, "high": 1, "expression": "aux", "kind": "loss"}}, "['kind']"),
+        ({"aux": {"value": 0.5, "low": 0, "high": 1, "expression": "aux", "scale": "log"}}, "outside the valid"),
+        ({"aux": {"value": 2, "low": 1.2, "high": 1.8, "expression": "aux", "integer": True}}, "fewer than two"),
+        ({"aux": {"value": 2, "low": 1, "high": 4, "expression": "aux", "integer": "yes"}}, "True or False"),
+        ({"aux": {"value": 2, "low": 1, "high": 4, "expression": "aux", "consensus": "mode"}}, "['consensus']"),
+        ({"dropout": {"value": 0.1, "low": 0, "high": 0.5, "expression": set_aux}}, "is a built-in gene"),
+        ({"gradient_accumulation_steps": {"low": 0.5}}, "outside the valid domain"),
+        ({"gradient_accumulation_steps": {"low": 2.2, "high": 2.9}}, "fewer than two integers"),
+    ],
+)
+def test_bad_custom_and_integer_genes_are_refused(genes, message):
+    with pytest.raises(ValueError, match="genes") as err:
+        parse_gene_options(genes)
+    assert message in str(err.value)
+
+
+def test_a_custom_gene_is_built_from_its_declaration():
+    options = parse_gene_options({"aux": {"value": "0.5", "low": 0, "high": 2, "expression": set_aux}})["aux"]
+    gene = build_gene("aux", options["value"], options)
+    assert (gene.value, gene.low, gene.high, gene.scale, gene.kind) == (0.5, 0.0, 2.0, "linear", "specialized")
+    steps = parse_gene_options({"k": {"value": 4, "low": 1, "high": 16, "expression": "k", "integer": True,
+                                      "scale": "log", "kind": "optimizer"}})["k"]  # fmt: skip
+    gene = build_gene("k", steps["value"], steps)
+    assert gene.integer and gene.kind == "optimizer" and gene.mutation_scale >= gene.unit == pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="of integers"):
+        build_gene("k", 2.5, steps)
+    with pytest.raises(ValueError, match="lies outside its bounds"):
+        build_gene("aux", 3.0, options)
+
+
+def test_integer_genes_stay_integers_in_bounds_and_never_stick():
+    clan = initial_clan(genome(gradient_accumulation_steps=2), 8, seed=0)
+    values = [g["gradient_accumulation_steps"].value for g in clan]
+    assert all(v == round(v) and 1 <= v <= 8 for v in values) and len(set(values)) >= 3, values
+    gene = clan[0]["gradient_accumulation_steps"]
+    assert (gene.low, gene.high) == (1.0, 8.0)
+    # After many failures the scale has shrunk to its floor, which still moves the value; it can also grow past a step.
+    stuck = {"gradient_accumulation_steps": dataclasses.replace(gene, mutation_scale=1e-9)}
+    moved = 0
+    for i in range(200):
+        child = mutate(stuck, make_rng(0, "int", i))["gradient_accumulation_steps"]
+        assert child.value == round(child.value) and 1 <= child.value <= 8
+        assert child.mutation_scale >= gene.unit / 2
+        moved += child.value != gene.value
+    assert moved >= 20, moved
+    grown = adapt_scales([{**stuck}], {}, [0.0], False)
+    for _ in range(30):
+        grown = adapt_scales(grown + [copy_genome(grown[0])], {1: 0}, [1.0, 0.5], False)[:1]
+    assert grown[0]["gradient_accumulation_steps"].mutation_scale > gene.unit
+
+
+def test_consensus_follows_the_gene_rule_and_rounds_integers():
+    options = parse_gene_options({"gradient_accumulation_steps": {"consensus": "median", "high": 16}})
+    clan = []
+    for value in (1, 2, 2, 16):
+        clan.append({"gradient_accumulation_steps": build_gene("gradient_accumulation_steps", value,
+                                                               options["gradient_accumulation_steps"])})  # fmt: skip
+    assert consensus(clan, "gradient_accumulation_steps") == 2.0  # the median; the mean would be 5.25 -> 5
+    for genome_ in clan:
+        genome_["gradient_accumulation_steps"].consensus = "mean"
+    assert consensus(clan, "gradient_accumulation_steps") == 5.0
 
 
 def test_starting_value_outside_custom_bounds_is_refused():

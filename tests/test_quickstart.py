@@ -33,3 +33,24 @@ def test_quickstart_runs_under_accelerate_launch(tmp_path):
     schedule = json.loads((out / "clan_schedule.json").read_text())
     assert [s["start_step"] for s in schedule["segments"]] == [0, 6]
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 256
+
+
+def test_the_aux_loss_example_schedules_its_own_gene_and_the_accumulation(tmp_path):
+    out = tmp_path / "aux"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_2_members.yaml"),
+        "--main_process_port", str(free_port()),
+        os.path.join(ROOT, "examples", "aux_loss_weight.py"),
+        "--output_dir", str(out), "--max_steps", "12", "--round_steps", "6",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "z_loss_weight" in result.stdout
+    records = [json.loads(line) for line in (out / "clan_history.jsonl").read_text().splitlines()]
+    assert {"learning_rate", "gradient_accumulation_steps", "z_loss_weight"} == set(records[0]["genes"])
+    assert all(r["genes"]["gradient_accumulation_steps"] in (1, 2, 3, 4) for r in records)
+    assert all(1e-5 <= r["genes"]["z_loss_weight"] <= 1.0 for r in records)
+    assert "z_loss_weight" in (out / "README.md").read_text(), "the model card lists the gene"

@@ -45,6 +45,13 @@ class _Hang(TrainerCallback):
             time.sleep(600)
 
 
+# A gene of the user's own (here a model config field the LM does not read) is checkpointed like the built-in ones.
+GENES = {
+    "learning_rate": {}, "weight_decay": {}, "adam_beta2": {}, "dropout": {},
+    "summary_dropout": {"value": 0.1, "low": 0.0, "high": 0.5, "expression": "model.config.summary_first_dropout"},
+}  # fmt: skip
+
+
 def train(output_dir: str, hang_at: int | None = None, resume: bool = False) -> None:
     """A 2-member clan that checkpoints every 6 steps (mid-round) over 6 rounds of 4 steps, half of them competitive.
     Dropout is on, so the resumed run matches only if every rank's RNG is restored too. Fitness averages the last 3
@@ -52,7 +59,7 @@ def train(output_dir: str, hang_at: int | None = None, resume: bool = False) -> 
     args = ClanConfig(
         output_dir=output_dir, round_steps=ROUND_STEPS, duty_cycle=0.5, max_steps=MAX_STEPS, save_strategy="steps",
         save_steps=SAVE_STEPS, save_total_limit=2, learning_rate=3e-3, per_device_train_batch_size=4,
-        per_device_eval_batch_size=16, genes=["learning_rate", "weight_decay", "adam_beta2", "dropout"], seed=3,
+        per_device_eval_batch_size=16, genes=GENES, seed=3,
         report_to="none", disable_tqdm=True, logging_steps=100, fitness_average_window=0.75,
     )  # fmt: skip
     trainer = ClanTrainer(

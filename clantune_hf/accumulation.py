@@ -1,0 +1,31 @@
+"""A member's own number of micro-batches per optimizer step (the `gradient_accumulation_steps` gene).
+
+The Trainer's loop asks `get_batch_samples` for `args.gradient_accumulation_steps` micro-batches (fewer at the end of
+an epoch), calls `training_step` once per item it gets back, syncs gradients at the last item and steps the
+optimizer after it. A member that accumulates its own count k hands the loop the k micro-batches as exactly as many
+*slots* as it asked for, so the sync and the step still come at the last slot: empty slots go in front when k is
+smaller, and the last slot holds the rest when k is larger. `training_step` runs each slot's micro-batches and
+divides each one's loss by k.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GENE = "gradient_accumulation_steps"
+
+
+def to_slots(batches: list[dict], slots: int) -> list[Any]:
+    """`batches` as `slots` items for the Trainer's loop (none when there are no batches left)."""
+    if not batches:
+        return []
+    if len(batches) <= slots:
+        return [{} for _ in range(slots - len(batches))] + batches
+    return [*batches[: slots - 1], list(batches[slots - 1 :])]
+
+
+def micro_batches(slot: Any) -> list[dict]:
+    """The micro-batches one slot holds: none, one, or several."""
+    if isinstance(slot, list):
+        return slot
+    return [slot] if slot else []
