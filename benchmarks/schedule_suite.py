@@ -121,6 +121,11 @@ VARIANTS: dict[str, dict] = {
         "initial_spread": "local", "step_size_control": "self_adaptive", "resample_probability": 0.0,
         "mirrored_clones": False,
     },  # fmt: skip
+    # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a
+    # longer competitive window.
+    "half_replaced": {"selection_fraction": 0.5},
+    "duty_0.3": {"duty_cycle": 0.3},
+    "cooldown": {"cooldown_fraction": 0.2},
 }
 DEFAULT_SEEDS = {"full": "0", "quick": "0,1,2", "tiny": "0"}
 # `--ray-problems a,b` limits pbt_ray (the slowest method: Ray starts a worker process per trial) to some problems.

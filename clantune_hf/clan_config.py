@@ -70,6 +70,10 @@ class ClanConfig(TrainingArguments):
             large learning rate is judged nearer where it will settle). Costs one copy of the trainable weights and
             one fused update per averaged step; on the benchmark suite it was neutral, so it is off by default.
             `0` ranks the last weights. The final evaluation always ranks the weights as they are.
+        cooldown_fraction (`float`, *optional*, defaults to `0.0`):
+            Fraction of the run, at its end, over which every member's learning rate decays linearly to 0 on top of
+            the `lr_scheduler_type` shape (a warmup-stable-decay run with the learning-rate gene as its level). The
+            rounds in the cooldown rank members by their annealed weights. `0` keeps the scheduler's shape as is.
         fitness_eval_samples (`int` or `None`, *optional*, defaults to `None`):
             Evaluate each member's fitness on the first this many samples of `eval_dataset` instead of all of it.
 
@@ -147,6 +151,13 @@ class ClanConfig(TrainingArguments):
             "[0, 1]; 0 ranks the last weights."
         },
     )
+    cooldown_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the run, at its end, over which every learning rate decays linearly to 0 on top of "
+            "the scheduler's shape, in [0, 1]; 0 keeps the shape as is."
+        },
+    )
     fitness_eval_samples: int | None = field(
         default=None,
         metadata={"help": "Evaluate fitness on the first this many samples of eval_dataset (default: all of it)."},
@@ -199,7 +210,14 @@ class ClanConfig(TrainingArguments):
             optional = name == "fitness_eval_samples" and value is None
             if not optional and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"`{name}` must be an integer, got {value!r}.")
-        for name in ("duty_cycle", "selection_fraction", "resample_probability", "fitness_average_window"):
+        fractions = (
+            "duty_cycle",
+            "selection_fraction",
+            "resample_probability",
+            "fitness_average_window",
+            "cooldown_fraction",
+        )
+        for name in fractions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"`{name}` must be a number, got {value!r}.")
@@ -211,7 +229,7 @@ class ClanConfig(TrainingArguments):
             )
         if not 0.0 < self.selection_fraction <= 0.5:
             raise ValueError(f"`selection_fraction` must be in (0, 0.5], got {self.selection_fraction}.")
-        for name in ("resample_probability", "fitness_average_window"):
+        for name in ("resample_probability", "fitness_average_window", "cooldown_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
         for name, choices in (("initial_spread", SPREADS), ("step_size_control", STEP_SIZE_CONTROLS)):

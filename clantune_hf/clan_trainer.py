@@ -44,7 +44,7 @@ from .exchange import (
     recv_member,
     send_member,
 )
-from .expression import check_expressible, custom_expressions, decay_groups, express
+from .expression import check_expressible, custom_expressions, decay_groups, express, with_cooldown
 from .fitness import WeightAverage, fitness_dataloader, member_fitness
 from .genes import OPTIMIZER, build_gene, describe_expressions, is_custom
 from .genetics import (
@@ -58,11 +58,11 @@ from .genetics import (
     initial_clan,
     make_rng,
     rank_members,
-    replaced_count,
     reproduce,
     selection_plan,
 )
 from .history import build_schedule, last_plan, latest_best, round_records, write_history, write_schedule
+from .model_card import model_card_body
 
 logger = logging.get_logger(__name__)
 
@@ -244,6 +244,7 @@ class ClanTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        with_cooldown(scheduler, self.args.cooldown_fraction, num_training_steps)
         # The user's schedule, before any gene (or a resumed checkpoint) scales it.
         self._schedule_base_lrs = list(getattr(scheduler, "base_lrs", []))
         return scheduler
@@ -510,6 +511,7 @@ class ClanTrainer(Trainer):
                 "learning_rate": self.args.learning_rate,
                 "lr_scheduler_type": str(self.args.lr_scheduler_type.value),
                 "warmup_steps": self.args.get_warmup_steps(self.state.max_steps),
+                "cooldown_fraction": self.args.cooldown_fraction,
                 "genes": genome_values(self.base_genome),
                 # A replay applies the user's own genes itself when their expression is an attribute path.
                 "expressions": {
@@ -672,96 +674,9 @@ class ClanTrainer(Trainer):
             tags=tags,
             model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
         )
-        body = self._model_card_body(card_data.model_name, finetuned_from, is_peft)
+        body = model_card_body(self, card_data.model_name, finetuned_from, is_peft)
         os.makedirs(output_dir, exist_ok=True)
         ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
-
-    def _model_card_body(self, model_name: str, finetuned_from: str | None, is_peft: bool) -> str:
-        import accelerate
-        import transformers
-
-        from . import __version__
-
-        args, schedule = self.args, self.clan_schedule
-        cooperative = round(args.round_steps * (1 - args.duty_cycle))
-        count = replaced_count(self.clan_size, args.selection_fraction)
-        replaced = f"{count} members were replaced by mutated clones of the {count}"
-        if count == 1:
-            replaced = "member was replaced by a mutated clone of one"
-        if self.fitness_metric is None:
-            fitness = "eval loss (lower is better)"
-        else:
-            fitness = f"`{self.fitness_metric}` ({'higher' if self.greater_is_better else 'lower'} is better)"
-        if self._average_steps:
-            fitness += f" at the mean of its weights over the round's last {self._average_steps} steps"
-        link = f"[{finetuned_from}](https://huggingface.co/{finetuned_from})"
-        if is_peft:
-            origin = "This adapter was trained over a frozen base model"
-            if finetuned_from is not None:
-                origin = f"This adapter was trained over the frozen base model {link}"
-        elif finetuned_from is None:
-            origin = "This model was trained from scratch"
-        else:
-            origin = f"This model was fine-tuned from {link}"
-        lines = [
-            f"# {model_name}",
-            "",
-            f"{origin} with **Clan Training** (`clantune_hf`): a clan of **{self.clan_size} members**,"
-            f" one per process, trained together for {self.state.global_step} optimizer steps. Each round of"
-            f" **{args.round_steps} steps** was cooperative (gradients shared as in DDP, each member applying them"
-            f" with its own hyperparameters) for {cooperative} steps and competitive (members training alone on common"
-            f" data) for {args.round_steps - cooperative} (**duty cycle {args.duty_cycle:g}**); then every member was"
-            f" ranked by its {fitness} and the weakest {replaced} of the strongest."
-            " These weights are the best member's at the end of training.",
-            "",
-            "## Genes",
-            "",
-            "| gene | kind | scale | bounds |",
-            "|---|---|---|---|",
-        ]
-        for name, gene in sorted(self.genomes[0].items()):
-            lines.append(f"| `{name}` | {gene.kind} | {gene.scale} | [{gene.low:.3g}, {gene.high:.3g}] |")
-        lines += ["", "## Discovered schedule", ""]
-        if schedule is None:
-            lines.append("Training has not finished: the schedule is written when it does.")
-        else:
-            fitness_of = {(r["round"], r["member"]): r["fitness"] for r in self.clan_history}
-            names = sorted(schedule["segments"][0]["genes"])
-            lines += [
-                "Gene values along the lineage of the best member, round by round (`member` is the slot that held"
-                f" the lineage in that round). Fitness is {fitness}; the last row ends with the final evaluation."
-                f" The run's `lr_scheduler_type` was `{schedule['base']['lr_scheduler_type']}`: the learning rate"
-                " scales that shape (it is the value at the schedule's peak).",
-                "",
-                "| steps | member | fitness | " + " | ".join(f"`{name}`" for name in names) + " |",
-                "|---|---|---|" + "---|" * len(names),
-            ]
-            for segment in schedule["segments"]:
-                value = fitness_of.get((segment["round"], segment["member"]))
-                cells = [f"{segment['start_step']}–{segment['end_step']}", str(segment["member"])]
-                cells.append("–" if value is None else f"{value:.4g}")
-                cells += [f"{segment['genes'][name]:.3g}" for name in names]
-                lines.append("| " + " | ".join(cells) + " |")
-            lines += [
-                "",
-                "The schedule is in `clan_schedule.json` beside the model; replay it in a plain `Trainer` with:",
-                "",
-                "```python",
-                "from clantune_hf import ScheduleReplayCallback",
-                "",
-                'trainer.add_callback(ScheduleReplayCallback.from_file("clan_schedule.json", trainer))',
-                "```",
-            ]
-        lines += [
-            "",
-            "## Framework versions",
-            "",
-            f"- clantune_hf: {__version__}",
-            f"- Transformers: {transformers.__version__}",
-            f"- PyTorch: {torch.__version__}",
-            f"- Accelerate: {accelerate.__version__}",
-        ]
-        return "\n".join(lines) + "\n"
 
 
 def _rng_state() -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LabelSmoother
 
@@ -123,3 +124,29 @@ def express(
     for name, expression in (custom or {}).items():
         if name in values:
             expression(trainer, values[name])
+
+
+def with_cooldown(scheduler, fraction: float, total_steps: int) -> None:
+    """Multiply `scheduler`'s shape by a linear decay to 0 over the last `fraction` of `total_steps` (in place).
+
+    Every scheduler `lr_scheduler_type` builds is a `LambdaLR`; its per-step factors are what is multiplied, so the
+    learning-rate gene (which sets `base_lrs`) stays the level and the user's warmup stays the start.
+    """
+    if not fraction:
+        return
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise ValueError(
+            f"`cooldown_fraction` multiplies a LambdaLR schedule, and {type(scheduler).__name__} is not one; use an "
+            "`lr_scheduler_type` such as 'constant', 'linear' or 'cosine', or set cooldown_fraction=0."
+        )
+    start = total_steps * (1 - fraction)
+
+    def cooled(shape):
+        return lambda step: shape(step) * min(1.0, max(0.0, (total_steps - step) / (total_steps - start)))
+
+    scheduler.lr_lambdas = [cooled(shape) for shape in scheduler.lr_lambdas]
+    # The factor at the current step (0 at the start, or a resumed step) takes effect now.
+    for group, base, shape in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * shape(scheduler.last_epoch)

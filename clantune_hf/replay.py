@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from .accumulation import GENE as ACCUMULATION
 from .accumulation import micro_batches, to_slots
-from .expression import Expression, ExpressionLike, check_expressible, decay_groups, express
+from .expression import Expression, ExpressionLike, check_expressible, decay_groups, express, with_cooldown
 from .genes import GENE_SPECS
 from .history import SCHEDULE_NAME
 
@@ -114,6 +114,8 @@ class ScheduleReplayCallback(TrainerCallback):
                 f"{scheduler_type!r}: the learning-rate gene will scale a different shape."
             )
         self._decay_groups = decay_groups(trainer)
+        # The clan's final cooldown is part of its schedule: the replay decays the same way.
+        with_cooldown(trainer.lr_scheduler, base.get("cooldown_fraction", 0.0), state.max_steps)
         if "max_grad_norm" in genes and not args.max_grad_norm > 0:
             raise ValueError("The schedule has a max_grad_norm gene; set `max_grad_norm` > 0 so the Trainer clips.")
         self._user_max_grad_norm = args.max_grad_norm

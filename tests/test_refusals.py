@@ -43,6 +43,7 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"mirrored_clones": "yes"}, "mirrored_clones"),
         ({"fitness_average_window": 1.5}, "fitness_average_window"),
         ({"fitness_average_window": float("nan")}, "fitness_average_window"),
+        ({"cooldown_fraction": 1.5}, "cooldown_fraction"),
         ({"fitness_eval_samples": 8.5}, "fitness_eval_samples"),
         # The genes field
         ({"genes": []}, "genes"),

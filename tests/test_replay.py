@@ -122,3 +122,19 @@ def test_replay_refuses_a_schedule_it_cannot_express(tmp_path):
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=PatternDataset(8))
     with pytest.raises(ValueError, match="batch_size"):
         ScheduleReplayCallback(schedule, trainer)
+
+
+def test_cooldown_decays_the_schedule_to_zero_over_the_last_fraction():
+    from clantune_hf.expression import with_cooldown
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
+    with_cooldown(warmup, 0.2, 100)
+    factors = [warmup.lr_lambdas[0](step) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[80] == 1.0, "warmup, then stable"
+    assert factors[90] == pytest.approx(0.5) and factors[100] == 0.0, "then linear to 0 over the last 20 steps"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * factors[0])
+
+    with pytest.raises(ValueError, match="`cooldown_fraction`"):
+        with_cooldown(torch.optim.lr_scheduler.StepLR(optimizer, 10), 0.2, 100)

@@ -1,0 +1,104 @@
+"""The model card of a clan's best member: what a clan is, the clan's settings, its genes and the discovered schedule.
+
+`ClanTrainer.create_model_card` writes it (with the Hub metadata) beside the saved model; no network access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .genetics import replaced_count
+
+if TYPE_CHECKING:
+    from .clan_trainer import ClanTrainer
+
+
+def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str | None, is_peft: bool) -> str:
+    """The card's Markdown body: the clan's settings, its genes and the discovered schedule as a table."""
+    import accelerate
+    import transformers
+
+    from . import __version__
+
+    args, schedule = trainer.args, trainer.clan_schedule
+    cooperative = round(args.round_steps * (1 - args.duty_cycle))
+    count = replaced_count(trainer.clan_size, args.selection_fraction)
+    replaced = f"{count} members were replaced by mutated clones of the {count}"
+    if count == 1:
+        replaced = "member was replaced by a mutated clone of one"
+    if trainer.fitness_metric is None:
+        fitness = "eval loss (lower is better)"
+    else:
+        fitness = f"`{trainer.fitness_metric}` ({'higher' if trainer.greater_is_better else 'lower'} is better)"
+    if trainer._average_steps:
+        fitness += f" at the mean of its weights over the round's last {trainer._average_steps} steps"
+    link = f"[{finetuned_from}](https://huggingface.co/{finetuned_from})"
+    if is_peft:
+        origin = "This adapter was trained over a frozen base model"
+        if finetuned_from is not None:
+            origin = f"This adapter was trained over the frozen base model {link}"
+    elif finetuned_from is None:
+        origin = "This model was trained from scratch"
+    else:
+        origin = f"This model was fine-tuned from {link}"
+    lines = [
+        f"# {model_name}",
+        "",
+        f"{origin} with **Clan Training** (`clantune_hf`): a clan of **{trainer.clan_size} members**,"
+        f" one per process, trained together for {trainer.state.global_step} optimizer steps. Each round of"
+        f" **{args.round_steps} steps** was cooperative (gradients shared as in DDP, each member applying them"
+        f" with its own hyperparameters) for {cooperative} steps and competitive (members training alone on common"
+        f" data) for {args.round_steps - cooperative} (**duty cycle {args.duty_cycle:g}**); then every member was"
+        f" ranked by its {fitness} and the weakest {replaced} of the strongest."
+        " These weights are the best member's at the end of training.",
+        "",
+        "## Genes",
+        "",
+        "| gene | kind | scale | bounds |",
+        "|---|---|---|---|",
+    ]
+    for name, gene in sorted(trainer.genomes[0].items()):
+        lines.append(f"| `{name}` | {gene.kind} | {gene.scale} | [{gene.low:.3g}, {gene.high:.3g}] |")
+    lines += ["", "## Discovered schedule", ""]
+    if schedule is None:
+        lines.append("Training has not finished: the schedule is written when it does.")
+    else:
+        fitness_of = {(r["round"], r["member"]): r["fitness"] for r in trainer.clan_history}
+        names = sorted(schedule["segments"][0]["genes"])
+        lines += [
+            "Gene values along the lineage of the best member, round by round (`member` is the slot that held"
+            f" the lineage in that round). Fitness is {fitness}; the last row ends with the final evaluation."
+            f" The run's `lr_scheduler_type` was `{schedule['base']['lr_scheduler_type']}`: the learning rate"
+            " scales that shape (it is the value at the schedule's peak).",
+            "",
+            "| steps | member | fitness | " + " | ".join(f"`{name}`" for name in names) + " |",
+            "|---|---|---|" + "---|" * len(names),
+        ]
+        for segment in schedule["segments"]:
+            value = fitness_of.get((segment["round"], segment["member"]))
+            cells = [f"{segment['start_step']}–{segment['end_step']}", str(segment["member"])]
+            cells.append("–" if value is None else f"{value:.4g}")
+            cells += [f"{segment['genes'][name]:.3g}" for name in names]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "The schedule is in `clan_schedule.json` beside the model; replay it in a plain `Trainer` with:",
+            "",
+            "```python",
+            "from clantune_hf import ScheduleReplayCallback",
+            "",
+            'trainer.add_callback(ScheduleReplayCallback.from_file("clan_schedule.json", trainer))',
+            "```",
+        ]
+    lines += [
+        "",
+        "## Framework versions",
+        "",
+        f"- clantune_hf: {__version__}",
+        f"- Transformers: {transformers.__version__}",
+        f"- PyTorch: {torch.__version__}",
+        f"- Accelerate: {accelerate.__version__}",
+    ]
+    return "\n".join(lines) + "\n"
