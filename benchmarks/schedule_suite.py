@@ -502,12 +502,12 @@ def run_job(
         # Members compete on the metric, as a user would set it up.
         common.update(metric_for_best_model=problem.metric_key, greater_is_better=problem.greater_is_better)
     if method in ("clan", "pbt"):
-        args = ClanConfig(
-            **common, **fields, per_device_train_batch_size=settings.per_device_batch,
+        clan_fields = dict(
             round_steps=settings.round_steps, duty_cycle=1.0 if method == "pbt" else settings.duty_cycle,
             genes=json.dumps(problem.genes) if isinstance(problem.genes, dict) else problem.genes,
-            **(clan_overrides or {}),
         )  # fmt: skip
+        clan_fields.update(clan_overrides or {})  # a variant may override any of them, the duty cycle too
+        args = ClanConfig(**common, **fields, per_device_train_batch_size=settings.per_device_batch, **clan_fields)
         trainer = ClanTrainer(
             model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=problem.compute_metrics
         )
