@@ -70,9 +70,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Ray keeps this many checkpoints per trial. PBT restores a donor's checkpoint some seconds after choosing it, while
-# the donor trains on: keeping only the newest one or two can delete it first (Ray warns below 3).
-NUM_TO_KEEP = 4
+# Ray keeps this many checkpoints per trial (None: all). PBT restores a donor's checkpoint some seconds after
+# choosing it, while the donor trains on: keeping only the newest few can delete it first (it did with 4, once in a
+# 40-round run). The suite's models are small, so every checkpoint is kept; the run's directory is removed after.
+NUM_TO_KEEP = None
 # Trainer output directories of running trials. Ray kills a stopped trial's process, so `run_ray_pbt` removes
 # what those leave behind.
 SCRATCH = "trainer_tmp"
@@ -385,6 +386,7 @@ def run_ray_pbt(problem_name: str, settings, job_dir: str) -> None:
     finally:
         ray.shutdown()
         shutil.rmtree(os.path.join(job_dir, SCRATCH), ignore_errors=True)
+        shutil.rmtree(os.path.join(job_dir, "ray"), ignore_errors=True)  # every trial's checkpoints (NUM_TO_KEEP)
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -71,7 +71,13 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
             "Gene values along the lineage of the best member, round by round (`member` is the slot that held"
             f" the lineage in that round). Fitness is {fitness}; the last row ends with the final evaluation."
             f" The run's `lr_scheduler_type` was `{schedule['base']['lr_scheduler_type']}`: the learning rate"
-            " scales that shape (it is the value at the schedule's peak).",
+            " scales that shape (it is the value at the schedule's peak)."
+            + (
+                f" Over the run's last {schedule['base']['cooldown_fraction']:.0%}, every learning rate decayed"
+                " linearly to 0 on top of that shape (`cooldown_fraction`)."
+                if schedule["base"].get("cooldown_fraction")
+                else ""
+            ),
             "",
             "| steps | member | fitness | " + " | ".join(f"`{name}`" for name in names) + " |",
             "|---|---|---|" + "---|" * len(names),
