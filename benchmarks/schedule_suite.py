@@ -126,6 +126,7 @@ VARIANTS: dict[str, dict] = {
     "half_replaced": {"selection_fraction": 0.5},
     "duty_0.3": {"duty_cycle": 0.3},
     "cooldown": {"cooldown_fraction": 0.2},
+    "spread_half": {"initial_spread_width": 0.5},
 }
 DEFAULT_SEEDS = {"full": "0", "quick": "0,1,2", "tiny": "0"}
 # `--ray-problems a,b` limits pbt_ray (the slowest method: Ray starts a worker process per trial) to some problems.

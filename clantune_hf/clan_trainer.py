@@ -178,12 +178,13 @@ class ClanTrainer(Trainer):
             expression.check(self, name)
         self.search = Search(
             initial_spread=args.initial_spread,
+            initial_spread_width=args.initial_spread_width,
             resample_probability=args.resample_probability,
             step_size_control=args.step_size_control,
             mirrored=args.mirrored_clones,
         )
         self.genomes: list[Genome] = initial_clan(
-            self.base_genome, self.clan_size, args.seed, self.search.initial_spread
+            self.base_genome, self.clan_size, args.seed, self.search.initial_spread, self.search.initial_spread_width
         )
         self.clan_history: list[dict] = []
         self.clan_schedule: dict | None = None

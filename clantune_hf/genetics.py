@@ -51,6 +51,7 @@ class Search:
     """How the clan searches: the `ClanConfig` fields of the same names."""
 
     initial_spread: str = "stratified"
+    initial_spread_width: float = 1.0
     resample_probability: float = 0.25
     step_size_control: str = "success"
     mirrored: bool = True
@@ -107,7 +108,7 @@ def mutate(genome: Genome, rng: random.Random, resample_probability: float = 0.0
     return child
 
 
-def initial_clan(base: Genome, size: int, seed: int, spread: str = "stratified") -> list[Genome]:
+def initial_clan(base: Genome, size: int, seed: int, spread: str = "stratified", width: float = 1.0) -> list[Genome]:
     """Member 0 keeps the configured values. With `spread="stratified"` the others form a Latin hypercube over the
     bounds: for each gene, member i gets its own stratum (a random permutation per gene), at a random point inside
     it. With `spread="local"` they start one mutation step around member 0."""
@@ -120,7 +121,12 @@ def initial_clan(base: Genome, size: int, seed: int, spread: str = "stratified")
         rng.shuffle(strata)
         for member in range(1, size):
             if spread == "stratified":
-                y = gene.to_space(gene.low) + (strata[member - 1] + rng.random()) / others * gene.width
+                # The strata cover `width` of the bounds around member 0's value (shifted to stay inside them).
+                span = width * gene.width
+                low = min(
+                    max(gene.to_space(gene.value) - span / 2, gene.to_space(gene.low)), gene.to_space(gene.high) - span
+                )
+                y = low + (strata[member - 1] + rng.random()) / others * span
             else:
                 y = gene.to_space(gene.value) + gene.mutation_scale * rng.gauss(0.0, 1.0)
             clan[member][name] = dataclasses.replace(gene, value=_at(gene, y))

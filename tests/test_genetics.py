@@ -288,6 +288,17 @@ def test_stratified_spread_covers_the_bounds_one_stratum_per_member(size):
     assert all(abs(math.log(g["learning_rate"].value / 1e-3)) < 5 * 0.3 for g in local)
 
 
+def test_a_narrower_spread_covers_its_part_of_the_bounds_around_the_start():
+    base = genome(learning_rate=1e-3, weight_decay=0.0)
+    clan = initial_clan(base, 8, seed=0, spread="stratified", width=0.5)
+    lrs = [g["learning_rate"].value for g in clan[1:]]
+    # The learning rate's bounds are /100 .. x100 around 1e-3; half of them in log space is /10 .. x10.
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and max(lrs) / min(lrs) > 10, lrs
+    # weight decay starts on its low bound: the covered half is shifted to stay inside, [0, half the bounds].
+    wds = [g["weight_decay"].value for g in clan[1:]]
+    assert all(0 <= wd <= base["weight_decay"].high / 2 + 1e-12 for wd in wds), wds
+
+
 def test_consensus_is_the_clan_mean():
     clan = [genome(dropout=p) for p in (0.0, 0.1, 0.2, 0.5)]
     assert consensus(clan, "dropout") == pytest.approx(0.2)

@@ -44,6 +44,7 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"fitness_average_window": 1.5}, "fitness_average_window"),
         ({"fitness_average_window": float("nan")}, "fitness_average_window"),
         ({"cooldown_fraction": 1.5}, "cooldown_fraction"),
+        ({"initial_spread_width": 0.0}, "initial_spread_width"),
         ({"fitness_eval_samples": 8.5}, "fitness_eval_samples"),
         # The genes field
         ({"genes": []}, "genes"),
