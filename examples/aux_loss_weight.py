@@ -21,8 +21,7 @@ Runs in a few minutes on 2 CPU cores; `--max_steps 12 --round_steps 6` for a smo
 import argparse
 
 import torch
-from quickstart import SEQ_LEN, ByteBlocks, stdlib_text
-from transformers import GPT2Config, GPT2LMHeadModel
+from quickstart import byte_data, byte_gpt2
 
 from clantune_hf import ClanConfig, ClanTrainer
 
@@ -47,14 +46,8 @@ def main():
     parser.add_argument("--round_steps", type=int, default=40)
     cli = parser.parse_args()
 
-    text = stdlib_text()
-    split = len(text) * 19 // 20
-    train, evals = ByteBlocks(text[:split]), ByteBlocks(text[split:])
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=256, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    )
+    train, evals = byte_data()
+    model = byte_gpt2()
     genes = {
         "learning_rate": {},
         "gradient_accumulation_steps": {"low": 1, "high": 4},

@@ -51,6 +51,22 @@ class ByteBlocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
 
 
+def byte_data() -> tuple[ByteBlocks, ByteBlocks]:
+    """The training and eval blocks: the first 95% of the text and the rest."""
+    text = stdlib_text()
+    split = len(text) * 19 // 20
+    return ByteBlocks(text[:split]), ByteBlocks(text[split:])
+
+
+def byte_gpt2() -> GPT2LMHeadModel:
+    """A tiny GPT-2 over bytes, the same initialization every run."""
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=256, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(config)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="clan_output/quickstart")
@@ -58,14 +74,8 @@ def main():
     parser.add_argument("--round_steps", type=int, default=50)
     cli = parser.parse_args()
 
-    text = stdlib_text()
-    split = len(text) * 19 // 20
-    train, evals = ByteBlocks(text[:split]), ByteBlocks(text[split:])
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(
-        GPT2Config(vocab_size=256, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    )
+    train, evals = byte_data()
+    model = byte_gpt2()
     args = ClanConfig(
         output_dir=cli.output_dir,
         round_steps=cli.round_steps,

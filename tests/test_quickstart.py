@@ -11,20 +11,25 @@ from transformers import AutoModelForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quickstart_runs_under_accelerate_launch(tmp_path):
-    out = tmp_path / "quickstart"
+def launch_example(script: str, out) -> str:
+    """`accelerate launch` of `examples/{script}` on 2 CPU members for 12 steps (rounds of 6); its stdout."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_2_members.yaml"),
         "--main_process_port", str(free_port()),
-        os.path.join(ROOT, "examples", "quickstart.py"),
+        os.path.join(ROOT, "examples", script),
         "--output_dir", str(out), "--max_steps", "12", "--round_steps", "6",
     ]  # fmt: skip
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Discovered schedule" in result.stdout
+    return result.stdout
+
+
+def test_quickstart_runs_under_accelerate_launch(tmp_path):
+    out = tmp_path / "quickstart"
+    assert "Discovered schedule" in launch_example("quickstart.py", out)
 
     records = [json.loads(line) for line in (out / "clan_history.jsonl").read_text().splitlines()]
     assert sorted({(r["round"], r["member"]) for r in records}) == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -37,18 +42,7 @@ def test_quickstart_runs_under_accelerate_launch(tmp_path):
 
 def test_the_aux_loss_example_schedules_its_own_gene_and_the_accumulation(tmp_path):
     out = tmp_path / "aux"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_2_members.yaml"),
-        "--main_process_port", str(free_port()),
-        os.path.join(ROOT, "examples", "aux_loss_weight.py"),
-        "--output_dir", str(out), "--max_steps", "12", "--round_steps", "6",
-    ]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "z_loss_weight" in result.stdout
+    assert "z_loss_weight" in launch_example("aux_loss_weight.py", out)
     records = [json.loads(line) for line in (out / "clan_history.jsonl").read_text().splitlines()]
     assert {"learning_rate", "gradient_accumulation_steps", "z_loss_weight"} == set(records[0]["genes"])
     assert all(r["genes"]["gradient_accumulation_steps"] in (1, 2, 3, 4) for r in records)
