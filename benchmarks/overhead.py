@@ -14,7 +14,8 @@ slow whole repeats down (every repeat's median is in the JSON).
 
     python benchmarks/overhead.py --out bench_out/overhead            # ~10 min on 2 CPU cores
 
-Writes DIR/overhead.json with one summary per rank count under `by_ranks`: `overhead_ratio` (median cooperative
+Writes DIR/overhead.json with one summary per rank count under `by_ranks` (and the worst rank count's three ratios
+at the top level): `overhead_ratio` (median cooperative
 step of clan_duty0 / median step of trainer), `competitive_ratio` (clan_default's competitive step, batch broadcast
 included, / trainer), `memory_ratio` (largest peak RSS of a clan rank / of a trainer_eval rank; also against
 trainer as `memory_ratio_vs_no_eval`), the per-round split of
@@ -341,6 +342,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "settings": settings,
         "machine": f"{cpu_cores()} CPU cores, gloo ranks with one thread each",
+        # The worst rank count's ratios, for a one-line answer; every rank count's are under by_ranks.
+        **{
+            key: max(summary[key] for summary in by_ranks.values() if summary[key] is not None)
+            for key in ("overhead_ratio", "competitive_ratio", "memory_ratio")
+        },
         "by_ranks": by_ranks,
         "wall_s": time.perf_counter() - start,
     }

@@ -189,7 +189,9 @@ def test_overhead_tiny(tmp_path):
     stdout = run_script("overhead.py", "--tiny", "--repeats", "1", "--out", str(out))
 
     with open(out / "overhead.json") as f:
-        result = json.load(f)["by_ranks"]["2"]
+        full = json.load(f)
+    result = full["by_ranks"]["2"]
+    assert all(full[key] == result[key] for key in ("overhead_ratio", "competitive_ratio", "memory_ratio"))
     assert set(result["runs"]) == {"trainer", "trainer_eval", "clan_duty0", "clan_default"}
     assert result["overhead_ratio"] > 0 and result["overhead_ratio_default_duty"] > 0
     assert result["competitive_ratio"] > 0
