@@ -10,7 +10,10 @@ divides each one's loss by k.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
+
+import torch
 
 GENE = "gradient_accumulation_steps"
 
@@ -29,3 +32,18 @@ def micro_batches(slot: Any) -> list[dict]:
     if isinstance(slot, list):
         return slot
     return [slot] if slot else []
+
+
+def run_slot(
+    trainer, model, slot: Any, num_items_in_batch: Any, training_step, count: int, sync: bool
+) -> torch.Tensor:
+    """Run `training_step` on each micro-batch of `slot`, each loss divided by the step's own `count` (when the loss
+    is not normalized by `num_items_in_batch`). Gradients are all-reduced at most once per slot, at its last
+    micro-batch and only when `sync` (the Trainer's own context still decides for the slot as a whole)."""
+    trainer.current_gradient_accumulation_steps = max(count, 1)
+    batches = micro_batches(slot)
+    loss = torch.zeros((), device=trainer.args.device)
+    for i, batch in enumerate(batches):
+        with contextlib.nullcontext() if sync and i == len(batches) - 1 else trainer.accelerator.no_sync(model):
+            loss = loss + training_step(model, batch, num_items_in_batch)
+    return loss

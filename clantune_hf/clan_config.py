@@ -213,6 +213,11 @@ class ClanConfig(TrainingArguments):
         if (self.use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU")) and not dist.is_initialized():
             PartialState(cpu=True, backend=self.ddp_backend, timeout=timedelta(seconds=self.ddp_timeout))
         super().__post_init__()
+        if self.mixed_precision == "fp16":  # from the accelerate config (ACCELERATE_MIXED_PRECISION)
+            raise ValueError(
+                "`fp16` (here from the accelerate config's mixed_precision) scales the loss and skips steps on "
+                "overflow, which a clan cannot tell from a diverging member; use `bf16` or full precision."
+            )
 
         for name, value in (("round_steps", self.round_steps), ("fitness_eval_samples", self.fitness_eval_samples)):
             optional = name == "fitness_eval_samples" and value is None

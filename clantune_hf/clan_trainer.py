@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, Pr
 from transformers.utils import logging
 
 from .accumulation import GENE as ACCUMULATION
-from .accumulation import micro_batches, to_slots
+from .accumulation import run_slot, to_slots
 from .checkpoint import (
     is_complete,
     last_checkpoint,
@@ -61,7 +61,15 @@ from .genetics import (
     reproduce,
     selection_plan,
 )
-from .history import build_schedule, last_plan, latest_best, round_records, write_history, write_schedule
+from .history import (
+    build_schedule,
+    last_plan,
+    latest_best,
+    member_prefix,
+    round_records,
+    write_history,
+    write_schedule,
+)
 from .model_card import model_card_body
 
 logger = logging.get_logger(__name__)
@@ -190,7 +198,8 @@ class ClanTrainer(Trainer):
         self.clan_schedule: dict | None = None
 
         self._user_label_smoother = self.label_smoother
-        self._step_inputs: tuple[list, Any, dict] | None = None  # this step's batches, item count and RNG state
+        # This step's batches, item count and (when cooperating) starting RNG state.
+        self._step_inputs: tuple[list, Any, dict | None] | None = None
         self._grad_norm: torch.Tensor | None = None  # this step's gradient norm, for the clip and the logs
         self._expressed: dict[str, float] = {}
         self._expressed_phase: bool | None = None  # competitive?, or None when genes must be expressed again
@@ -272,8 +281,8 @@ class ClanTrainer(Trainer):
                     )
                     batches = batches[:agreed]
             num_items = self._get_num_items_in_batch(batches, device)
-        # Kept so that the rare step whose shared gradient is non-finite can recompute each member's own.
-        self._step_inputs = (batches, num_items, _rng_state())
+        # Kept so that the rare cooperative step whose shared gradient is non-finite can recompute each member's own.
+        self._step_inputs = (batches, num_items, None if self._competitive else _rng_state())
         return to_slots(batches, num_batches), num_items
 
     def _accumulation(self, num_batches: int) -> tuple[int, int]:
@@ -315,15 +324,10 @@ class ClanTrainer(Trainer):
             model.forward_sync_buffers = False
         else:  # torch < 2.13
             model.broadcast_buffers = False
-        # Each micro-batch's loss is divided by the member's own count (when it is not normalized by num_items).
-        self.current_gradient_accumulation_steps = max(len(self._step_inputs[0]), 1)
-        batches = micro_batches(inputs)
-        loss = torch.zeros((), device=self.args.device)
-        for i, batch in enumerate(batches):
-            # Gradients are all-reduced once a step: at the last micro-batch of the last slot, when cooperating.
-            sync = not self._competitive and i == len(batches) - 1
-            with contextlib.nullcontext() if sync else self.accelerator.no_sync(model):
-                loss = loss + super().training_step(model, batch, num_items_in_batch)
+        # Gradients are all-reduced once a step, at the last micro-batch of the last slot, and only when cooperating.
+        count = len(self._step_inputs[0])
+        step = super().training_step
+        loss = run_slot(self, model, inputs, num_items_in_batch, step, count, sync=not self._competitive)
         if self.accelerator.sync_gradients:
             self._check_gradients(model)
         return loss
@@ -340,13 +344,11 @@ class ClanTrainer(Trainer):
         self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
         if self._grad_norm is None or torch.isfinite(self._grad_norm):
             return
-        finite = False
         if not self._competitive:
             self._recompute_own_gradients(model)
-            finite = average_finite_gradients(params)  # a collective: every rank is here
             self._grad_norm = None
-        if finite:
-            return
+            if average_finite_gradients(params):  # a collective: every rank is here, the sum is theirs too
+                return
         for param in self.model.parameters():
             param.grad = None  # the optimizer skips parameters without a gradient: no update, no moment decay
         if not self._diverged:
@@ -367,13 +369,13 @@ class ClanTrainer(Trainer):
 
     def _clip_grad_norm(self, model: nn.Module):
         max_norm = self._expressed.get("max_grad_norm", self.args.max_grad_norm)
-        if self._grad_norm is None or self.accelerator.scaler is not None:  # fp16 grads are unscaled first
+        if self._grad_norm is None:
             return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, self._grad_norm)
         return self._grad_norm
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
-        if grad_norm is None and self._grad_norm is not None and self.accelerator.scaler is None:
+        if grad_norm is None and self._grad_norm is not None:
             return self._grad_norm
         return super()._get_grad_norm(model, grad_norm)
 
@@ -559,10 +561,9 @@ class ClanTrainer(Trainer):
         }
         logs.update({f"clan/best_{name}": value for name, value in genome_values(self.genomes[best]).items()})
         # Every member's fitness and the genes it earned it with; `cloned_from` appears only in rounds that
-        # replaced the member, so each point on that chart is a clone event. Ids are zero-padded to sort.
-        width = len(str(self.clan_size - 1))
+        # replaced the member, so each point on that chart is a clone event.
         for member, genome in enumerate(self.genomes):
-            prefix = f"clan/member_{member:0{width}d}"
+            prefix = member_prefix(member, self.clan_size)
             logs[f"{prefix}/fitness"] = fitness[member]
             logs.update({f"{prefix}/{name}": value for name, value in genome_values(genome).items()})
             if member in plan:

@@ -23,7 +23,7 @@ from transformers.trainer_pt_utils import find_batch_size, nested_concat, nested
 from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, speed_metrics
 
 from .genetics import rank_members
-from .history import latest_best
+from .history import latest_best, member_prefix
 
 if TYPE_CHECKING:
     from .clan_trainer import ClanTrainer
@@ -151,9 +151,9 @@ def evaluate_clan(
     metrics = {f"{prefix}_{name}": value for name, value in every[best].items()}
     metrics.update(speed_metrics(prefix, start, num_samples=own.num_samples, num_steps=own.num_batches))
     metrics[f"{prefix}_clan/best_member"] = best
-    width = len(str(len(every) - 1))
     for member, member_metrics in enumerate(every):
-        metrics.update({f"{prefix}_clan/member_{member:0{width}d}/{k}": v for k, v in member_metrics.items()})
+        key_prefix = f"{prefix}_{member_prefix(member, len(every))}"
+        metrics.update({f"{key_prefix}/{k}": v for k, v in member_metrics.items()})
     if keep_predictions:
         held = [(own.predictions, own.label_ids)]
         dist.broadcast_object_list(held, src=best)

@@ -12,9 +12,6 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 
 def comm_device() -> torch.device:

@@ -119,16 +119,14 @@ def initial_clan(base: Genome, size: int, seed: int, spread: str = "stratified",
         rng = make_rng(seed, "initial", name)
         strata = list(range(others))
         rng.shuffle(strata)
+        # The strata cover `width` of the bounds around member 0's value (shifted to stay inside them).
+        span, start = width * gene.width, gene.to_space(gene.value)
+        low = min(max(start - span / 2, gene.to_space(gene.low)), gene.to_space(gene.high) - span)
         for member in range(1, size):
             if spread == "stratified":
-                # The strata cover `width` of the bounds around member 0's value (shifted to stay inside them).
-                span = width * gene.width
-                low = min(
-                    max(gene.to_space(gene.value) - span / 2, gene.to_space(gene.low)), gene.to_space(gene.high) - span
-                )
                 y = low + (strata[member - 1] + rng.random()) / others * span
             else:
-                y = gene.to_space(gene.value) + gene.mutation_scale * rng.gauss(0.0, 1.0)
+                y = start + gene.mutation_scale * rng.gauss(0.0, 1.0)
             clan[member][name] = dataclasses.replace(gene, value=_at(gene, y))
     return clan
 

@@ -55,6 +55,11 @@ def latest_best(records: list[dict], greater_is_better: bool) -> int:
     return last[rank_members([nan_if_none(r["fitness"]) for r in last], greater_is_better)[0]]["member"]
 
 
+def member_prefix(member: int, clan_size: int) -> str:
+    """The log key prefix of a member, e.g. `clan/member_07` in a clan of 12: ids zero-padded so they sort."""
+    return f"clan/member_{member:0{len(str(clan_size - 1))}d}"
+
+
 def last_plan(records: list[dict]) -> dict[int, int]:
     """The latest selection as `{replaced member: source}`: the clones being judged at the next fitness."""
     if not records:

@@ -17,17 +17,15 @@ specialized genes during its cooperative steps were an artifact of sharing gradi
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 
-import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .accumulation import GENE as ACCUMULATION
-from .accumulation import micro_batches, to_slots
+from .accumulation import run_slot, to_slots
 from .expression import Expression, ExpressionLike, check_expressible, decay_groups, express, with_cooldown
 from .genes import GENE_SPECS
 from .history import SCHEDULE_NAME
@@ -142,18 +140,11 @@ class ScheduleReplayCallback(TrainerCallback):
         def scheduled_batch_samples(epoch_iterator, num_batches, device):
             count = int(self.genes_at(trainer.state.global_step)[ACCUMULATION])
             batches = list(itertools.islice(epoch_iterator, count))
-            self._accumulated = max(len(batches), 1)
+            self._accumulated = len(batches)
             return to_slots(batches, num_batches), trainer._get_num_items_in_batch(batches, device)
 
         def scheduled_training_step(model, inputs, num_items_in_batch=None):
-            trainer.current_gradient_accumulation_steps = self._accumulated
-            batches = micro_batches(inputs)
-            loss = torch.zeros((), device=trainer.args.device)
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
-                    loss = loss + training_step(model, batch, num_items_in_batch)
-            return loss
+            return run_slot(trainer, model, inputs, num_items_in_batch, training_step, self._accumulated, sync=True)
 
         trainer.get_batch_samples = scheduled_batch_samples
         trainer.training_step = scheduled_training_step

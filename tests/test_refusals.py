@@ -247,3 +247,9 @@ def check_resume_refusals(output_dir):
     torch.distributed.barrier()
     with pytest.raises(ValueError, match="checkpoint-2 is incomplete"):
         trainer().train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2"))
+
+
+def test_fp16_from_the_accelerate_config_is_refused_like_the_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="`fp16`"):
+        config(tmp_path)
