@@ -14,6 +14,9 @@ The Trainer saves one model and rank 0's optimizer; a clan has one of each per m
         clan/member-{i}/average.safetensors      the running mean of its weights for fitness, when the checkpoint
                                                  falls inside a round's averaging window
 
+A member sharded over k ranks (`ranks_per_member=k`) has the same files per rank, each holding that rank's shards:
+`clan/member-{i}/shard-{j}/...`. Resuming needs the same number of members and ranks per member.
+
 Nothing here executes code on load: safetensors, JSON, and `torch.load(weights_only=True)`.
 """
 
@@ -32,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .exchange import member_tensors
 from .genes import Gene
 from .genetics import Genome
+from .members import MemberLayout, like, local
 
 CLAN_DIR = "clan"
 CLAN_NAME = "clan.json"
@@ -43,13 +47,38 @@ MEMBER_AVERAGE = "average.safetensors"
 TRAINER_STATE = "trainer_state.json"
 
 
-def member_dir(checkpoint: str, member: int) -> str:
-    return os.path.join(checkpoint, CLAN_DIR, f"member-{member}")
+def member_dir(checkpoint: str, member: int, shard: int | None = None) -> str:
+    """Where member `member` (its rank `shard`'s part, when sharded) is saved."""
+    folder = os.path.join(checkpoint, CLAN_DIR, f"member-{member}")
+    return folder if shard is None else os.path.join(folder, f"shard-{shard}")
+
+
+def _own_dir(checkpoint: str, layout: MemberLayout) -> str:
+    return member_dir(checkpoint, layout.member, layout.shard if layout.sharded else None)
+
+
+def _local_state(state: dict) -> dict:
+    """An optimizer state dict with this rank's shards in place of DTensors (torch.load(weights_only) loads it)."""
+    return {
+        **state,
+        "state": {
+            index: {key: local(value) if torch.is_tensor(value) else value for key, value in entries.items()}
+            for index, entries in state["state"].items()
+        },
+    }
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading local shards: optimizer state of a sharded parameter back to a DTensor placed like it."""
+    for param, entries in optimizer.state.items():
+        for key, value in entries.items():
+            if torch.is_tensor(value) and value.shape == local(param).shape:
+                entries[key] = like(value, param)
 
 
 def save_member(
     checkpoint: str,
-    member: int,
+    layout: MemberLayout,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     scheduler,
@@ -58,29 +87,32 @@ def save_member(
 ) -> None:
     """Write this member's own state; every rank calls it for its own member. `optimizer=None` saves weights only;
     `average` is the state of its fitness weight average (see fitness.WeightAverage), saved when not empty."""
-    folder = member_dir(checkpoint, member)
+    folder = _own_dir(checkpoint, layout)
     os.makedirs(folder, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in member_tensors(model)}
+    tensors = {name: local(t).detach().contiguous().cpu() for name, t in member_tensors(model)}
     safetensors.torch.save_file(tensors, os.path.join(folder, MEMBER_WEIGHTS), metadata={"format": "pt"})
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(folder, MEMBER_OPTIMIZER))
+        torch.save(_local_state(optimizer.state_dict()), os.path.join(folder, MEMBER_OPTIMIZER))
         torch.save(scheduler.state_dict(), os.path.join(folder, MEMBER_SCHEDULER))
     if average:
         safetensors.torch.save_file(average, os.path.join(folder, MEMBER_AVERAGE), metadata={"format": "pt"})
     with open(os.path.join(folder, MEMBER_STATE), "w") as f:
-        json.dump({"member": member, "diverged": diverged}, f)
+        json.dump({"member": layout.member, "diverged": diverged}, f)
 
 
-def load_average(checkpoint: str, member: int) -> dict[str, torch.Tensor]:
+def load_average(checkpoint: str, layout: MemberLayout) -> dict[str, torch.Tensor]:
     """The member's fitness weight average saved with `checkpoint`, or `{}` if it was taken outside the window."""
-    path = os.path.join(member_dir(checkpoint, member), MEMBER_AVERAGE)
+    path = os.path.join(_own_dir(checkpoint, layout), MEMBER_AVERAGE)
     return safetensors.torch.load_file(path, device="cpu") if os.path.isfile(path) else {}
 
 
-def load_member(checkpoint: str, member: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Make this rank's member the one saved in `checkpoint`: weights, buffers, optimizer and scheduler state.
-    Returns the contents of its member.json."""
-    folder = member_dir(checkpoint, member)
+def load_member(
+    checkpoint: str, layout: MemberLayout, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
+) -> dict:
+    """Make this rank's member (its shards, when sharded) the one saved in `checkpoint`: weights, buffers, optimizer
+    and scheduler state. Returns the contents of its member.json."""
+    member = layout.member
+    folder = _own_dir(checkpoint, layout)
     for name in (MEMBER_WEIGHTS, MEMBER_OPTIMIZER, MEMBER_SCHEDULER, MEMBER_STATE):
         if not os.path.isfile(os.path.join(folder, name)):
             hint = (
@@ -91,7 +123,7 @@ def load_member(checkpoint: str, member: int, model: nn.Module, optimizer: torch
             )
             raise ValueError(f"Cannot resume member {member}: {os.path.join(folder, name)} is missing.{hint}")
     saved = safetensors.torch.load_file(os.path.join(folder, MEMBER_WEIGHTS), device="cpu")
-    own = dict(member_tensors(model))
+    own = {name: local(t) for name, t in member_tensors(model)}
     if set(saved) != set(own):
         raise ValueError(
             f"{folder} holds other tensors than this model (missing: {sorted(set(own) - set(saved))[:5]}, "
@@ -102,16 +134,18 @@ def load_member(checkpoint: str, member: int, model: nn.Module, optimizer: torch
             tensor.copy_(saved[name])
     optimizer_state = torch.load(os.path.join(folder, MEMBER_OPTIMIZER), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(optimizer_state)
+    _shard_optimizer_state(optimizer)
     scheduler.load_state_dict(torch.load(os.path.join(folder, MEMBER_SCHEDULER), weights_only=True))
     with open(os.path.join(folder, MEMBER_STATE)) as f:
         return json.load(f)
 
 
-def save_clan(checkpoint: str, genomes: list[Genome], history: list[dict]) -> None:
+def save_clan(checkpoint: str, genomes: list[Genome], history: list[dict], ranks_per_member: int) -> None:
     """Write the state every rank shares: genomes and history (one writer is enough)."""
     os.makedirs(os.path.join(checkpoint, CLAN_DIR), exist_ok=True)
     state = {
         "clan_size": len(genomes),
+        "ranks_per_member": ranks_per_member,
         "genomes": [[dataclasses.asdict(genome[name]) for name in sorted(genome)] for genome in genomes],
         "history": history,
     }
@@ -119,7 +153,7 @@ def save_clan(checkpoint: str, genomes: list[Genome], history: list[dict]) -> No
         json.dump(state, f)
 
 
-def load_clan(checkpoint: str, clan_size: int, genes: list[str]) -> tuple[list[Genome], list[dict]]:
+def load_clan(checkpoint: str, layout: MemberLayout, genes: list[str]) -> tuple[list[Genome], list[dict]]:
     """The genomes and history saved in `checkpoint`, checked against the clan that resumes them."""
     path = os.path.join(checkpoint, CLAN_DIR, CLAN_NAME)
     if not os.path.isfile(path):
@@ -128,10 +162,16 @@ def load_clan(checkpoint: str, clan_size: int, genes: list[str]) -> tuple[list[G
         )
     with open(path) as f:
         state = json.load(f)
-    if state["clan_size"] != clan_size:
+    saved_ranks = state.get("ranks_per_member", 1)
+    if saved_ranks != layout.ranks_per_member:
         raise ValueError(
-            f"{checkpoint} holds a clan of {state['clan_size']} members but this run has {clan_size} processes; "
-            f"resume with `--num_processes {state['clan_size']}`."
+            f"{checkpoint} holds members of {saved_ranks} rank(s) each but this run sets `ranks_per_member="
+            f"{layout.ranks_per_member}`; resume with ranks_per_member={saved_ranks}."
+        )
+    if state["clan_size"] != layout.clan_size:
+        raise ValueError(
+            f"{checkpoint} holds a clan of {state['clan_size']} members but this run has {layout.clan_size}; "
+            f"resume with `--num_processes {state['clan_size'] * saved_ranks}`."
         )
     genomes = [{gene["name"]: Gene(**gene) for gene in genome} for genome in state["genomes"]]
     if sorted(genomes[0]) != sorted(genes):

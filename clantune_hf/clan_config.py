@@ -81,6 +81,13 @@ class ClanConfig(TrainingArguments):
         fitness_eval_samples (`int` or `None`, *optional*, defaults to `None`):
             Evaluate each member's fitness on the first this many samples of `eval_dataset` instead of all of it.
 
+        > Parameters that control the members
+
+        ranks_per_member (`int`, *optional*, defaults to `1`):
+            Processes per member. `1`: every process is a member with its whole model (DDP across members). `k > 1`:
+            the N processes form N / k members, each an FSDP2-sharded model over k consecutive ranks (HSDP across
+            members), for models that one device does not hold. N must be a multiple of k, with at least 2 members.
+
     Fitness is each member's eval loss on its own model, or `metric_for_best_model` (with `greater_is_better`) from
     `compute_metrics` when that is set.
 
@@ -171,6 +178,15 @@ class ClanConfig(TrainingArguments):
         metadata={"help": "Evaluate fitness on the first this many samples of eval_dataset (default: all of it)."},
     )
 
+    # Parameters that control the members
+    ranks_per_member: int = field(
+        default=1,
+        metadata={
+            "help": "Processes per member: 1 (each process is a member) or k > 1 (each member is an FSDP2-sharded "
+            "model over k ranks; the number of processes must be a multiple of k)."
+        },
+    )
+
     # Parameters whose TrainingArguments default is changed
     ddp_broadcast_buffers: bool | None = field(
         default=None,
@@ -187,13 +203,14 @@ class ClanConfig(TrainingArguments):
         # Refused before TrainingArguments.__post_init__ would import DeepSpeed or set up sharding.
         if self.deepspeed:
             raise ValueError(
-                "`deepspeed` shards state across ranks as if they were replicas; a clan runs one member per process "
-                "with plain DDP. Remove `deepspeed`."
+                "`deepspeed` shards state across ranks as if they were replicas of one model; a clan shards each "
+                "member with FSDP2 itself. Remove `deepspeed`, and set `ranks_per_member` to shard a member over "
+                "several ranks."
             )
         if self.fsdp:
             raise ValueError(
-                "`fsdp` shards state across ranks as if they were replicas; a clan runs one member per process with "
-                "plain DDP. Remove `fsdp`."
+                "`fsdp` shards state across ranks as if they were replicas of one model; a clan shards each member "
+                "with FSDP2 itself. Remove `fsdp` and set `ranks_per_member` to the number of ranks per member."
             )
         if self.fp16:
             raise ValueError(
@@ -219,7 +236,12 @@ class ClanConfig(TrainingArguments):
                 "overflow, which a clan cannot tell from a diverging member; use `bf16` or full precision."
             )
 
-        for name, value in (("round_steps", self.round_steps), ("fitness_eval_samples", self.fitness_eval_samples)):
+        integers = (
+            ("round_steps", self.round_steps),
+            ("fitness_eval_samples", self.fitness_eval_samples),
+            ("ranks_per_member", self.ranks_per_member),
+        )
+        for name, value in integers:
             optional = name == "fitness_eval_samples" and value is None
             if not optional and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"`{name}` must be an integer, got {value!r}.")
@@ -237,6 +259,14 @@ class ClanConfig(TrainingArguments):
                 raise ValueError(f"`{name}` must be a number, got {value!r}.")
         if self.round_steps < 1:
             raise ValueError(f"`round_steps` must be >= 1, got {self.round_steps}.")
+        if self.ranks_per_member < 1:
+            raise ValueError(f"`ranks_per_member` must be >= 1 (processes per member), got {self.ranks_per_member}.")
+        if self.ranks_per_member > 1 and self.fitness_average_window > 0:
+            raise ValueError(
+                "`fitness_average_window` is not supported with `ranks_per_member > 1` yet: FSDP2 gathers a member's "
+                "weights from its own storage, which a weight average cannot be swapped into. Set "
+                "fitness_average_window=0."
+            )
         if not 0.0 <= self.duty_cycle <= 1.0:
             raise ValueError(
                 f"`duty_cycle` must be in [0, 1] (the competitive fraction of a round), got {self.duty_cycle}."

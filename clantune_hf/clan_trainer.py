@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType, DynamoBackend
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -39,6 +40,7 @@ from .exchange import (
     average_finite_gradients,
     broadcast_batches,
     broadcast_weights,
+    comm_device,
     gather_weights,
     leave_together_at_exit,
     recv_member,
@@ -70,6 +72,7 @@ from .history import (
     write_history,
     write_schedule,
 )
+from .members import local, member_grad_norm, member_layout, shard_member
 from .model_card import model_card_body
 
 logger = logging.get_logger(__name__)
@@ -156,8 +159,9 @@ class ClanTrainer(Trainer):
         if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             raise ValueError(
                 f"The accelerate config selects {self.accelerator.distributed_type}, which shards state across ranks "
-                "as if they were replicas; a clan runs one member per process with plain DDP. Use a multi-GPU (DDP) "
-                "config, e.g. accelerate_configs/multi_gpu.yaml."
+                "as if they were replicas of one model; a clan shards each member itself. Use a multi-GPU (DDP) "
+                "config, e.g. accelerate_configs/multi_gpu.yaml, and set `ranks_per_member` in ClanConfig to shard "
+                "each member over that many ranks with FSDP2."
             )
         if self.accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:
             raise ValueError(
@@ -175,8 +179,20 @@ class ClanTrainer(Trainer):
                 )
         self._initializing = False
 
-        self.member = self.accelerator.process_index
-        self.clan_size = self.accelerator.num_processes
+        # Every rank checks the layout before any compute; a sharded member is FSDP2-sharded here, once.
+        self.layout = member_layout(args.ranks_per_member, self.args.device)
+        self.member = self.layout.member
+        self.clan_size = self.layout.clan_size
+        self._sharing = True  # sharded members: whether gradient shards are averaged across members now
+        if self.layout.sharded:
+            if model_init is not None:
+                raise ValueError(
+                    "`model_init` is not supported with `ranks_per_member > 1`: the clan shards the model once, at "
+                    "init. Pass `model` instead."
+                )
+            shard_member(self.model, self.layout, sharing=lambda: self._sharing)
+            # The Trainer's path for a model that owns its sharding and gradient reduction: no DDP wrap.
+            self.is_distributed_loading_by_transformers = True
         self.fitness_metric = None if metric is None or metric.removeprefix("eval_") == "loss" else metric
         self.greater_is_better = bool(args.greater_is_better) if self.fitness_metric else False
         # Captured now: the dropout gene reads the model, whose dropout the clan changes during training.
@@ -211,7 +227,7 @@ class ClanTrainer(Trainer):
         self._average = WeightAverage()
         # The last this many steps of every round are averaged for fitness (0: fitness sees the last weights).
         self._average_steps = round(args.fitness_average_window * args.round_steps)
-        self._checkpoint_weights: dict[str, torch.Tensor] | None = None  # the best member's, while rank 0 saves
+        self._saved_member = 0  # whose weights `_save` writes: the best member's while a checkpoint is saved
         # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
         self.callback_handler.callbacks.insert(0, _RoundCallback(self))
         use_clan_console(self)
@@ -263,11 +279,13 @@ class ClanTrainer(Trainer):
         """Called once per optimizer step, before any forward: switch phase, and in competitive steps share data."""
         self._competitive = self._is_competitive(self.state.global_step)
         self._express(self._competitive)
+        self._sharing = not self._competitive
         count, fetch = self._accumulation(num_batches)
         batches = list(itertools.islice(epoch_iterator, fetch))
         if self._competitive:
-            # Every member trains on rank 0's batches, each on as many as its own accumulation count.
-            batches = broadcast_batches(batches, src=0, device=device)[:count]
+            # Every member trains on member 0's batches (rank j of a member on those of member 0's rank j), each
+            # on as many as its own accumulation count.
+            batches = broadcast_batches(batches, self.layout.rank_of(0), device, self.layout.peer_group)[:count]
             num_items = self._own_num_items(batches, device)
         else:
             if not self.accelerator.even_batches:
@@ -296,16 +314,23 @@ class ClanTrainer(Trainer):
         return count, max(int(genome[ACCUMULATION].value) for genome in self.genomes)
 
     def _own_num_items(self, batches: list[dict], device: torch.device) -> Any:
-        """The token count of this member's own micro-batches, times P: what the Trainer's count gathered across
-        ranks would be if every rank held them, so compute_loss's multiplication by P leaves the member's own
-        per-token mean. No collective: members may hold different numbers of micro-batches."""
+        """The token count of this member's own micro-batches (over its ranks), times the number of members: what
+        the Trainer's count gathered across ranks would be if every member held them, so compute_loss's
+        multiplication by the world size and the member's own gradient averaging leave its per-token mean. A
+        collective only inside a sharded member: members may hold different numbers of micro-batches."""
         gathered = self.args.average_tokens_across_devices
         self.args.average_tokens_across_devices = False
         try:
             count = self._get_num_items_in_batch(batches, device)
         finally:
             self.args.average_tokens_across_devices = gathered
-        return count * self.clan_size if gathered and count is not None else count
+        if not gathered or count is None:
+            return count
+        if self.layout.sharded:
+            count = torch.as_tensor(count, device=comm_device())
+            dist.all_reduce(count, group=self.layout.member_group)
+            count = count.to(device)
+        return count * self.clan_size
 
     def set_initial_training_values(self, args: TrainingArguments, dataloader: DataLoader) -> tuple:
         values = super().set_initial_training_values(args, dataloader)
@@ -317,10 +342,13 @@ class ClanTrainer(Trainer):
 
     def training_step(self, model: nn.Module, inputs: Any, num_items_in_batch=None) -> torch.Tensor:
         """Run one slot of micro-batches (see accumulation.py); after the step's last, check its gradient."""
-        if not isinstance(model, DistributedDataParallel):
+        if self.layout.sharded:
+            if not isinstance(model, FSDPModule):
+                raise ValueError(f"ClanTrainer expects its FSDP2-sharded member, got {type(model).__name__}.")
+        elif not isinstance(model, DistributedDataParallel):
             raise ValueError(f"ClanTrainer expects a DistributedDataParallel model, got {type(model).__name__}.")
         # Each member's buffers (e.g. batch-norm statistics) are its own: DDP must not copy rank 0's at each forward.
-        if hasattr(model, "forward_sync_buffers"):
+        elif hasattr(model, "forward_sync_buffers"):
             model.forward_sync_buffers = False
         else:  # torch < 2.13
             model.broadcast_buffers = False
@@ -341,13 +369,14 @@ class ClanTrainer(Trainer):
         without it.
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
-        self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        self._grad_norm = member_grad_norm([p.grad for p in params], self.layout) if params else None
         if self._grad_norm is None or torch.isfinite(self._grad_norm):
             return
         if not self._competitive:
             self._recompute_own_gradients(model)
             self._grad_norm = None
-            if average_finite_gradients(params):  # a collective: every rank is here, the sum is theirs too
+            # A collective: every rank is here, the sum is theirs too.
+            if average_finite_gradients(params, self.layout.member_group, self.layout.peer_group):
                 return
         for param in self.model.parameters():
             param.grad = None  # the optimizer skips parameters without a gradient: no update, no moment decay
@@ -363,15 +392,30 @@ class ClanTrainer(Trainer):
         the gradient it contributed, as it was before the all-reduce."""
         batches, num_items, rng = self._step_inputs
         self.model.zero_grad(set_to_none=True)
-        with _rng_restored(rng), self.accelerator.no_sync(model):
-            for inputs in batches:
-                super().training_step(model, inputs, num_items)
+        self._sharing = False  # a sharded member's shards are not averaged across members (DDP: no_sync)
+        try:
+            with _rng_restored(rng), self.accelerator.no_sync(model):
+                for inputs in batches:
+                    super().training_step(model, inputs, num_items)
+        finally:
+            self._sharing = True
+
+    def _defer_fsdp_gradient_reduction(self):
+        # The Trainer's loop wraps a step's micro-batches but the last in this (sharded members). Each micro-batch's
+        # gradient shard is shared as it is made, which sums to the shared sum: nothing to defer.
+        return contextlib.nullcontext()
 
     def _clip_grad_norm(self, model: nn.Module):
         max_norm = self._expressed.get("max_grad_norm", self.args.max_grad_norm)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         if self._grad_norm is None:
-            return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, self._grad_norm)
+            self._grad_norm = (
+                member_grad_norm(grads, self.layout) if grads else torch.zeros((), device=self.args.device)
+            )
+        # torch's clip_grads_with_norm_, on each rank's own shards.
+        coefficient = torch.clamp(max_norm / (self._grad_norm + 1e-6), max=1.0)
+        if grads:
+            torch._foreach_mul_([local(g) for g in grads], coefficient.to(local(grads[0]).device))
         return self._grad_norm
 
     def _get_grad_norm(self, model: nn.Module, grad_norm=None):
@@ -406,23 +450,34 @@ class ClanTrainer(Trainer):
         checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         optimizer = None if self.args.save_only_model else self.optimizer
         average = self._average.state_dict()
-        save_member(checkpoint, self.member, self.model, optimizer, self.lr_scheduler, self._diverged, average)
+        save_member(checkpoint, self.layout, self.model, optimizer, self.lr_scheduler, self._diverged, average)
         if self.args.should_save:
-            save_clan(checkpoint, self.genomes, self.clan_history)
+            save_clan(checkpoint, self.genomes, self.clan_history, self.layout.ranks_per_member)
         # Rank 0 writes the top level (Trainer._save) with the best member's weights, received in memory.
-        self._checkpoint_weights = gather_weights(self.model, latest_best(self.clan_history, self.greater_is_better))
+        self._saved_member = latest_best(self.clan_history, self.greater_is_better)
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self._checkpoint_weights = None
+            self._saved_member = 0
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is None:
+            # Every rank is here (Trainer.save_model calls _save on all): the saved member's full weights reach rank
+            # 0 (None: rank 0's own model is that member).
+            state_dict = gather_weights(self.model, self._saved_member, self.layout)
+        if not self.args.should_save:
+            return
         # The Trainer pickles `args`; a gene's callable expression is code (maybe a lambda), so it goes by its name.
         genes, self.args.genes = self.args.genes, describe_expressions(self.args.genes)
         try:
-            super()._save(output_dir, self._checkpoint_weights if state_dict is None else state_dict)
+            super()._save(output_dir, state_dict)
         finally:
             self.args.genes = genes
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # A sharded member loads its own shards in _load_optimizer_and_scheduler; the top level is for from_pretrained.
+        if not self.layout.sharded:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Nothing at the top level: each member's optimizer and scheduler are in its own folder (save_member)."""
@@ -441,10 +496,10 @@ class ClanTrainer(Trainer):
         """
         if checkpoint is None:
             return
-        member = load_member(checkpoint, self.member, self.model, self.optimizer, self.lr_scheduler)
+        member = load_member(checkpoint, self.layout, self.model, self.optimizer, self.lr_scheduler)
         self._diverged = member["diverged"]
-        self._average.load_state_dict(load_average(checkpoint, self.member), self.model)
-        self.genomes, self.clan_history = load_clan(checkpoint, self.clan_size, list(self.args.genes))
+        self._average.load_state_dict(load_average(checkpoint, self.layout), self.model)
+        self.genomes, self.clan_history = load_clan(checkpoint, self.layout, list(self.args.genes))
         self._expressed_phase = None
         if self.args.should_save:
             # Records the killed run wrote after this checkpoint are dropped; the resumed run writes them again.
@@ -460,7 +515,7 @@ class ClanTrainer(Trainer):
                     f"`resume_from_checkpoint=True` found no complete clan checkpoint in {self.args.output_dir}; "
                     "pass the path of one, or train without resume_from_checkpoint."
                 )
-        load_clan(checkpoint, self.clan_size, list(self.args.genes))
+        load_clan(checkpoint, self.layout, list(self.args.genes))
         if not is_complete(checkpoint):
             raise ValueError(
                 f"{checkpoint} is incomplete (no trainer_state.json): the run was killed while writing it. Resume "
@@ -488,9 +543,9 @@ class ClanTrainer(Trainer):
         for dst, src in sorted(plan.items()):
             # Only the two ranks of a pair take part; every rank walks the same plan in the same order.
             if self.member == src:
-                send_member(self.model, self.optimizer, dst)
+                send_member(self.model, self.optimizer, self.layout.rank_of(dst))
             elif self.member == dst:
-                recv_member(self.model, self.optimizer, src)
+                recv_member(self.model, self.optimizer, self.layout.rank_of(src))
         self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)
         self._expressed_phase = None
         self._diverged = False
@@ -500,7 +555,7 @@ class ClanTrainer(Trainer):
         fitness = self._gather_fitness(averaged=False)  # the weights as they are: what the user gets
         self._record_round(fitness, {})
         best = rank_members(fitness, self.greater_is_better)[0]
-        broadcast_weights(self.model, src=best)
+        broadcast_weights(self.model, self.layout.rank_of(best), self.layout.peer_group)
         self.genomes = [copy_genome(self.genomes[best]) for _ in range(self.clan_size)]
         self._expressed_phase = None
         self._express(competitive=True)
@@ -532,7 +587,11 @@ class ClanTrainer(Trainer):
         with self._average.swapped_in(self.model) if averaged else contextlib.nullcontext():
             own = math.nan if self._diverged else self._member_fitness()
         self._average.reset()
-        return all_gather_floats(own)
+        return self._per_member(all_gather_floats(own))
+
+    def _per_member(self, values: list) -> list:
+        """One value per member from one per rank (the ranks of a member agree)."""
+        return values[:: self.layout.ranks_per_member]
 
     def _record_round(self, fitness: list[float], plan: dict[int, int]) -> None:
         """Check that every rank agrees, append the round to the history, and log its scalars."""

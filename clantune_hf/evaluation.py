@@ -3,14 +3,20 @@
 A member is evaluated on the whole dataset, unsharded, on its own weights: `Trainer.evaluate` would shard the data
 across ranks and so blend P different models into one number. The loss is the model's own loss on each batch,
 averaged over samples, as one process evaluating the saved model would compute it (no token count gathered across
-ranks, no label smoothing). `evaluate_member` runs on one rank with no collective, so a fitness pass cannot hang a
-clan whose members do not all evaluate; `evaluate_clan` then gathers every member's metrics.
+ranks, no label smoothing). `evaluate_member` involves no other member, so a fitness pass cannot hang a clan whose
+members do not all evaluate; `evaluate_clan` then gathers every member's metrics.
+
+A member sharded over k ranks splits the batches among its ranks (batch b to rank b mod k) and sums their results
+inside the member, so its pass is k times shorter and its numbers those of the unsharded pass. Its ranks stay in
+step: in each group of k batches every rank runs one forward (FSDP2 gathers the weights for it from all k), a rank
+left without a batch of its own runs the group's first one again and discards it.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +30,7 @@ from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, sp
 
 from .genetics import rank_members
 from .history import latest_best, member_prefix
+from .members import reshard
 
 if TYPE_CHECKING:
     from .clan_trainer import ClanTrainer
@@ -77,11 +84,12 @@ def evaluate_member(
     if ignore_keys is None:
         ignore_keys = getattr(getattr(model, "config", None), "keys_to_ignore_at_inference", None) or []
     score = compute_metrics and trainer.compute_metrics is not None
-    total = torch.zeros((), dtype=torch.float64, device=trainer.args.device)
-    samples = labelled = steps = 0
-    predictions = labels = None
+    layout = trainer.layout
+    # Loss sum, labelled samples, samples, batches: summed over the member's ranks at the end.
+    totals = torch.zeros(4, dtype=torch.float64, device=trainer.args.device)
+    outputs_by_batch = []  # (batch index, logits, label ids) of this rank's batches
     try:
-        for inputs in itertools.islice(loader, batches):
+        for index, inputs in _own_batches(itertools.islice(loader, batches), layout.ranks_per_member, layout.shard):
             inputs = trainer._prepare_inputs(inputs)
             has_labels = bool(trainer.label_names) and all(inputs.get(k) is not None for k in trainer.label_names)
             label_ids = nested_detach(tuple(inputs.get(name) for name in trainer.label_names)) if has_labels else None
@@ -89,12 +97,15 @@ def evaluate_member(
             with torch.no_grad(), trainer.compute_loss_context_manager():
                 if has_labels:
                     loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
-                    total += loss.detach().double() * batch_size
-                    labelled += batch_size
                 else:
                     outputs = model(**inputs)
-            samples += batch_size
-            steps += 1
+            if index is None:  # a forward only to keep step with the member's other ranks
+                continue
+            if has_labels:
+                totals[0] += loss.detach().double() * batch_size
+                totals[1] += batch_size
+            totals[2] += batch_size
+            totals[3] += 1
             if not (score or keep_predictions):
                 continue
             if isinstance(outputs, dict):
@@ -106,22 +117,49 @@ def evaluate_member(
                 label_ids = label_ids[0]
             if trainer.preprocess_logits_for_metrics is not None:
                 logits = trainer.preprocess_logits_for_metrics(logits, label_ids)
-            logits, label_ids = send_to_device((nested_detach(logits), label_ids), "cpu")
-            predictions = logits if predictions is None else nested_concat(predictions, logits, -100)
-            if label_ids is not None:
-                labels = label_ids if labels is None else nested_concat(labels, label_ids, -100)
+            outputs_by_batch.append((index, *send_to_device((nested_detach(logits), label_ids), "cpu")))
     finally:
         trainer.label_smoother = smoother
         model.train(was_training)
+        if layout.sharded:
+            reshard(model)
+    if layout.sharded:
+        dist.all_reduce(totals, group=layout.member_group)
+        if score or keep_predictions:
+            parts = [None] * layout.ranks_per_member
+            dist.all_gather_object(parts, outputs_by_batch, group=layout.member_group)
+            outputs_by_batch = sorted((item for part in parts for item in part), key=lambda item: item[0])
+    predictions = labels = None
+    for _, logits, label_ids in outputs_by_batch:
+        predictions = logits if predictions is None else nested_concat(predictions, logits, -100)
+        if label_ids is not None:
+            labels = label_ids if labels is None else nested_concat(labels, label_ids, -100)
     predictions, labels = (None if t is None else nested_numpify(t) for t in (predictions, labels))
+    total, labelled, samples, steps = totals.tolist()
     metrics = {}
     if score and predictions is not None:
         metrics = denumpify_detensorize(
             trainer.compute_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
         )
     if labelled:
-        metrics["loss"] = (total / labelled).item()
-    return MemberEvaluation(metrics, samples, steps, predictions if keep_predictions else None, labels)
+        metrics["loss"] = total / labelled
+    return MemberEvaluation(metrics, int(samples), int(steps), predictions if keep_predictions else None, labels)
+
+
+def _own_batches(batches: Iterable, ranks: int, shard: int) -> Iterator[tuple[int | None, Any]]:
+    """`(index, batch)` of the batches this rank of a member evaluates, one per group of `ranks` batches; the index
+    is None for a batch run only to keep the member's ranks in step. All of them when a member is one rank."""
+    for start, group in enumerate(_groups(batches, ranks)):
+        if shard < len(group):
+            yield start * ranks + shard, group[shard]
+        else:
+            yield None, group[0]
+
+
+def _groups(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
 
 
 def evaluate_clan(
@@ -143,6 +181,7 @@ def evaluate_clan(
     )
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, own.metrics)
+    every = trainer._per_member(every)
     key = (trainer.fitness_metric or "loss").removeprefix("eval_")
     if all(key in metrics for metrics in every):
         best = rank_members([float(m[key]) for m in every], trainer.greater_is_better)[0]
@@ -156,6 +195,6 @@ def evaluate_clan(
         metrics.update({f"{key_prefix}/{k}": v for k, v in member_metrics.items()})
     if keep_predictions:
         held = [(own.predictions, own.label_ids)]
-        dist.broadcast_object_list(held, src=best)
+        dist.broadcast_object_list(held, src=best * trainer.layout.ranks_per_member)
         own.predictions, own.label_ids = held[0]
     return metrics, own

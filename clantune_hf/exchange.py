@@ -1,8 +1,10 @@
-"""Everything the members of a clan send each other, over the default process group.
+"""Everything the members of a clan send each other.
 
-Rules that keep a clan from hanging: collectives here are called by every rank in the same order; point-to-point
-transfers (`send_member`/`recv_member`) are called only by the two ranks they connect, in the order of the
-selection plan that every rank holds. Tensors travel as one flat buffer per dtype to keep the message count low.
+Rules that keep a clan from hanging: collectives here are called by every rank of their group (the default group
+unless one is passed) in the same order; point-to-point transfers (`send_member`/`recv_member`) are called only by
+the two ranks they connect, in the order of the selection plan that every rank holds. Tensors travel as one flat
+buffer per dtype to keep the message count low. A sharded member's tensors are DTensors: each rank sends and
+receives its own shard (see members.py), so ranks are always global ranks here.
 """
 
 import atexit
@@ -12,6 +14,9 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from .members import MemberLayout, like, local
 
 
 def comm_device() -> torch.device:
@@ -85,12 +90,17 @@ def _flat_groups(shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> dict[torc
 
 def _pack(tensors: list[torch.Tensor], indices: list[int]) -> torch.Tensor:
     """`tensors[indices]` as one flat buffer on the transport device."""
-    return torch.cat([tensors[i].detach().reshape(-1).to(comm_device()) for i in indices])
+    return torch.cat([local(tensors[i]).detach().reshape(-1).to(comm_device()) for i in indices])
+
+
+def _shapes(tensors: list[torch.Tensor]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """What travels of each tensor: this rank's shard of it."""
+    return [(tuple(local(t).shape), t.dtype) for t in tensors]
 
 
 def _send_flat(tensors: list[torch.Tensor], dst: int) -> int:
     sent = 0
-    for indices in _flat_groups([(tuple(t.shape), t.dtype) for t in tensors]).values():
+    for indices in _flat_groups(_shapes(tensors)).values():
         flat = _pack(tensors, indices)
         dist.send(flat, dst)
         sent += flat.numel() * flat.element_size()
@@ -118,7 +128,8 @@ def _optimizer_manifest(optimizer: torch.optim.Optimizer) -> list[tuple[int, str
     for index, param in enumerate(_optimizer_params(optimizer)):
         for key, value in sorted(optimizer.state.get(param, {}).items()):
             if torch.is_tensor(value):
-                manifest.append((index, key, ("tensor", tuple(value.shape), value.dtype, value.device.type == "cpu")))
+                shape, on_cpu = tuple(local(value).shape), value.device.type == "cpu"
+                manifest.append((index, key, ("tensor", shape, value.dtype, on_cpu, value is not local(value))))
             else:
                 manifest.append((index, key, ("value", value)))
     return manifest
@@ -140,17 +151,18 @@ def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) ->
     manifest = holder[0]
     own = [t for _, t in member_tensors(model)]
     state_shapes = [(desc[1], desc[2]) for _, _, desc in manifest if desc[0] == "tensor"]
-    received = _recv_flat([(tuple(t.shape), t.dtype) for t in own] + state_shapes, src)
+    received = _recv_flat(_shapes(own) + state_shapes, src)
     with torch.no_grad():
         for target, value in zip(own, received[: len(own)], strict=True):
-            target.copy_(value)
+            local(target).copy_(value)
     params = _optimizer_params(optimizer)
     new_state: dict[nn.Parameter, dict] = {}
     tensors = iter(received[len(own) :])
     for index, key, desc in manifest:
         param = params[index]
         if desc[0] == "tensor":
-            value = next(tensors).to("cpu" if desc[3] else param.device, copy=True)
+            value = next(tensors).to("cpu" if desc[3] else local(param).device, copy=True)
+            value = like(value, param) if desc[4] else value  # e.g. Adam's moments of a sharded parameter
         else:
             value = desc[1]
         new_state.setdefault(param, {})[key] = value
@@ -160,36 +172,61 @@ def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) ->
     optimizer.state.update(new_state)
 
 
-def broadcast_weights(model: nn.Module, src: int) -> None:
-    """Every rank takes rank `src`'s trainable weights and buffers (not its optimizer state)."""
-    tensors = [t for _, t in member_tensors(model)]
+def broadcast_weights(model: nn.Module, src: int, group: dist.ProcessGroup | None = None) -> None:
+    """Every rank of `group` takes rank `src`'s trainable weights and buffers (not its optimizer state)."""
+    tensors = [local(t) for _, t in member_tensors(model)]
     with torch.no_grad():
-        for indices in _flat_groups([(tuple(t.shape), t.dtype) for t in tensors]).values():
+        for indices in _flat_groups(_shapes(tensors)).values():
             flat = _pack(tensors, indices)
-            dist.broadcast(flat, src)
+            dist.broadcast(flat, src, group=group)
             for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices]), strict=True):
                 tensors[i].copy_(chunk.view_as(tensors[i]))
 
 
-def gather_weights(model: nn.Module, src: int) -> dict[str, torch.Tensor] | None:
-    """Rank `src`'s full state dict, on rank 0 only (None elsewhere, and when `src` is 0: use the model itself).
+def gather_weights(model: nn.Module, src: int, layout: MemberLayout) -> dict[str, torch.Tensor] | None:
+    """Member `src`'s full state dict, on rank 0 only (None elsewhere; also None when `src` is 0 and members are one
+    rank each: use the model itself).
 
-    Called by every rank; only `src` and 0 exchange tensors. Parameters that are not trainable are the same in every
-    member, so rank 0 takes its own. Tied weights stay tied: they are one tensor in `member_tensors`.
+    Called by every rank. A sharded member's tensors are gathered inside every member at once (each member's ranks
+    all-gather their shards), then member `src`'s first rank sends them to rank 0. With one rank per member only
+    `src` and 0 exchange tensors: parameters that are not trainable are the same in every member, so rank 0 takes its
+    own. Tied weights stay tied: they are one tensor in `member_tensors`.
     """
+    if layout.sharded:
+        return _gather_sharded(model, src, layout)
     if src == 0 or dist.get_rank() not in (0, src):
         return None
     tensors = [t for _, t in member_tensors(model)]
     if dist.get_rank() == src:
         _send_flat(tensors, 0)
         return None
-    received = _recv_flat([(tuple(t.shape), t.dtype) for t in tensors], src)
+    received = _recv_flat(_shapes(tensors), src)
     by_storage = {t.data_ptr(): r.to(t.device, copy=True) for t, r in zip(tensors, received, strict=True)}
     return {name: by_storage.get(t.data_ptr(), t) for name, t in model.state_dict().items()}
 
 
-def broadcast_batches(batches: list[Mapping], src: int, device: torch.device) -> list[dict]:
-    """Rank `src`'s batches on every rank, so all members train on common data. Shapes may differ across ranks."""
+def _gather_sharded(model: nn.Module, src: int, layout: MemberLayout) -> dict[str, torch.Tensor] | None:
+    sender = src * layout.ranks_per_member
+    rank = dist.get_rank()
+    full = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective inside the member
+        if rank in (0, sender):
+            full[name] = tensor.detach().cpu()
+    if sender == 0 or rank not in (0, sender):
+        return full if rank == 0 else None
+    if rank == sender:
+        _send_flat(list(full.values()), 0)
+        return None
+    received = _recv_flat(_shapes(list(full.values())), sender)
+    return {name: value.cpu() for name, value in zip(full, received, strict=True)}
+
+
+def broadcast_batches(
+    batches: list[Mapping], src: int, device: torch.device, group: dist.ProcessGroup | None = None
+) -> list[dict]:
+    """Rank `src`'s batches on every rank of `group`, so all members train on common data. Shapes may differ across
+    ranks."""
     is_src = dist.get_rank() == src
     meta = None
     if is_src:
@@ -201,7 +238,7 @@ def broadcast_batches(batches: list[Mapping], src: int, device: torch.device) ->
             for batch in batches
         ]
     holder = [meta]
-    dist.broadcast_object_list(holder, src=src, device=_object_device())
+    dist.broadcast_object_list(holder, src=src, group=group, device=_object_device())
     transport = comm_device()
     out = []
     for index, batch_meta in enumerate(holder[0]):
@@ -214,30 +251,44 @@ def broadcast_batches(batches: list[Mapping], src: int, device: torch.device) ->
                 tensor = batches[index][key].to(transport)
             else:
                 tensor = torch.empty(desc[1], dtype=desc[2], device=transport)
-            dist.broadcast(tensor, src)
+            dist.broadcast(tensor, src, group=group)
             batch[key] = tensor.to(device)
         out.append(batch)
     return out
 
 
-def average_finite_gradients(params: list[nn.Parameter]) -> bool:
-    """Average the gradients in `params` over the ranks whose gradients are all finite; clear them on the others.
+def average_finite_gradients(
+    params: list[nn.Parameter],
+    member_group: dist.ProcessGroup | None = None,
+    peer_group: dist.ProcessGroup | None = None,
+) -> bool:
+    """Average the gradients in `params` over the members whose gradients are all finite; clear them on the others.
 
-    Called by every rank, each holding its own local gradient (None counts as zeros), when the clan's shared
-    gradient came out non-finite. A non-finite rank contributes zeros and ends with no gradients, so it skips its
-    update; the others end with the mean of the healthy ranks' gradients. Returns whether this rank was finite.
+    Called by every rank, each holding its member's own gradient (None counts as zeros), when the clan's shared
+    gradient came out non-finite. A sharded member is finite when all its shards are (agreed over `member_group`);
+    members average shard by shard over `peer_group`. A non-finite member contributes zeros and ends with no
+    gradients, so it skips its update; the others end with the mean of the healthy members' gradients. Returns
+    whether this member was finite.
     """
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    finite = all(bool(torch.isfinite(g).all()) for g in grads)
-    healthy = torch.tensor([float(finite)], device=comm_device())
-    dist.all_reduce(healthy)
-    count = healthy.item()  # at least 1 on a finite rank
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    grads = [local(p.grad) for p in params]
+    healthy = torch.tensor([float(all(bool(torch.isfinite(g).all()) for g in grads))], device=comm_device())
+    if member_group is not None:
+        dist.all_reduce(healthy, op=dist.ReduceOp.MIN, group=member_group)
+    finite = bool(healthy.item())
+    dist.all_reduce(healthy, group=peer_group)
+    count = healthy.item()  # at least 1 on a finite member
     with torch.no_grad():
-        for indices in _flat_groups([(tuple(g.shape), g.dtype) for g in grads]).values():
+        for indices in _flat_groups(_shapes(grads)).values():
             flat = _pack(grads, indices)
             if not finite:
                 flat.zero_()
-            dist.all_reduce(flat)
+            dist.all_reduce(flat, group=peer_group)
             for i, chunk in zip(indices, flat.split([grads[i].numel() for i in indices]), strict=True):
-                params[i].grad = chunk.view_as(params[i]).to(params[i].device).div_(count) if finite else None
+                grads[i].copy_(chunk.view_as(grads[i]).div_(count))
+    if not finite:
+        for param in params:
+            param.grad = None
     return finite

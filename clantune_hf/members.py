@@ -1,0 +1,136 @@
+"""Which ranks make up which member, and how a member of several ranks is sharded (`ClanConfig.ranks_per_member`).
+
+With `ranks_per_member=1` (the default) every process is a member and the clan's collectives run over the default
+process group. With `ranks_per_member=k > 1` the W processes form a `(W / k, k)` device mesh: member `m` is ranks
+`m*k .. m*k + k-1`, its model is FSDP2-sharded over them (the mesh's `shard` dimension), and rank `j` of every
+member holds the same slice of every tensor (the *peer group* `j`, along the mesh's `member` dimension). So:
+
+- every backward reduce-scatters each layer's gradient inside the member, as FSDP2 does;
+- in cooperative steps FSDP2's all-reduce hook then averages that shard over the peer group, layer by layer as the
+  backward goes: together, the mean over all W ranks, as HSDP computes it. In competitive steps the hook does
+  nothing, so each member keeps its own gradient. (HSDP's own switch, `set_requires_all_reduce(False)`, is meant for
+  gradient accumulation: it holds the gradient back until the next all-reduce instead of keeping it.)
+- a clone or a broadcast goes rank `j` to rank `j`: one member's state in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+MESH_DIMS = ("member", "shard")
+
+
+@dataclass
+class MemberLayout:
+    """Where this rank sits in the clan. `member_group` joins the ranks of this member, `peer_group` the ranks that
+    hold the same shard in every member; both are None when a member is one rank (peers: the default group)."""
+
+    clan_size: int
+    ranks_per_member: int
+    member: int
+    shard: int
+    mesh: DeviceMesh | None = None
+    member_group: dist.ProcessGroup | None = None
+    peer_group: dist.ProcessGroup | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.ranks_per_member > 1
+
+    def rank_of(self, member: int) -> int:
+        """The global rank that holds this rank's shard in `member`."""
+        return member * self.ranks_per_member + self.shard
+
+
+def member_layout(ranks_per_member: int, device: torch.device) -> MemberLayout:
+    """This rank's layout; builds the device mesh (a collective: every rank calls it) when members are sharded."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ranks_per_member:
+        raise ValueError(
+            f"`ranks_per_member={ranks_per_member}` does not divide the {world} processes of this run into members; "
+            f"launch a multiple of {ranks_per_member} processes or change ranks_per_member."
+        )
+    clan_size = world // ranks_per_member
+    if clan_size < 2:
+        raise ValueError(
+            f"`ranks_per_member={ranks_per_member}` with {world} processes makes {clan_size} member, and a clan needs "
+            f"at least 2: launch {2 * ranks_per_member} or more processes, or lower ranks_per_member."
+        )
+    layout = MemberLayout(clan_size, ranks_per_member, rank // ranks_per_member, rank % ranks_per_member)
+    if layout.sharded:
+        layout.mesh = init_device_mesh(device.type, (clan_size, ranks_per_member), mesh_dim_names=MESH_DIMS)
+        layout.member_group = layout.mesh.get_group("shard")
+        layout.peer_group = layout.mesh.get_group("member")
+    return layout
+
+
+def shard_member(model: nn.Module, layout: MemberLayout, sharing: Callable[[], bool]) -> None:
+    """Shard `model` in place over its member's ranks with FSDP2; while `sharing()` is true, each gradient shard is
+    averaged across members as soon as it is reduce-scattered.
+
+    Every rank first takes rank 0's weights, so that the members start equal, as DDP makes them, and the shards of
+    one member come from one model. Each block the model names in `_no_split_modules` (its transformer layers) is
+    its own FSDP unit, so only one block is gathered at a time; the root holds the rest (embeddings, head).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    mesh = layout.mesh["shard"]
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if module is not model and type(module).__name__ in block_names:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+    def average_across_members(reduce_output: torch.Tensor) -> None:
+        # Linear, so sharing every micro-batch's shard shares their sum: no deferral needed under accumulation.
+        if sharing():
+            dist.all_reduce(reduce_output, group=layout.peer_group)
+            reduce_output.div_(layout.clan_size)
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_all_reduce_hook(average_across_members)
+
+
+def reshard(model: nn.Module) -> None:
+    """Put a sharded member's sharded parameters back in place after a forward without backward (an evaluation):
+    FSDP2 keeps the root module's weights gathered after its forward, and the clan exchanges, saves and trains the
+    sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `tensor`: the local shard of a DTensor, the tensor itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`value` (a local shard) as a DTensor placed like `reference` when that is one, else `value` itself."""
+    if isinstance(reference, DTensor):
+        return DTensor.from_local(
+            value, reference.device_mesh, reference.placements, shape=reference.shape, stride=reference.stride()
+        )
+    return value
+
+
+def member_grad_norm(grads: list[torch.Tensor], layout: MemberLayout) -> torch.Tensor:
+    """The 2-norm of this member's whole gradient, on every rank of the member (summed over its shards)."""
+    if not layout.sharded:
+        return torch.nn.utils.get_total_norm(grads)
+    squares = torch.stack([local(g).detach().double().pow(2).sum() for g in grads]).sum()
+    dist.all_reduce(squares, group=layout.member_group)
+    return squares.sqrt().float()
