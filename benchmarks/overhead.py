@@ -6,16 +6,25 @@
     clan_duty0     `ClanTrainer` with duty_cycle=0: every step cooperative, selection every round
     clan_default   `ClanTrainer` with the default duty cycle (`ClanConfig().duty_cycle`)
 
+Members sharded over 2 ranks each (`ranks_per_member=2`) are measured on 4 ranks against plain FSDP2:
+
+    fsdp2                  `Trainer` with the model FSDP2-sharded over all 4 ranks (the baseline for big models)
+    hsdp                   `Trainer` with the model HSDP-sharded, 2 replicas x 2 shards: the clan's own layout and
+                           communication (reduce-scatter in a replica, all-reduce across), without the clan
+    clan_sharded_duty0     `ClanTrainer(ranks_per_member=2)`, 2 members x 2 shards, duty_cycle=0
+    clan_sharded_default   the same at the default duty cycle
+
 Each step is timed on rank 0 by a callback; the round's fitness evaluation and selection/exchange are timed by a
 `ClanTrainer` subclass here (the package itself carries no timers) and subtracted from the step they end. Bytes per
 exchange are counted by wrapping the trainer's `send_member`, and every rank's peak resident memory is read at the
 end of its run. A run's step time is the median step of its least disturbed repeat: on a shared machine other jobs
 slow whole repeats down (every repeat's median is in the JSON).
 
-    python benchmarks/overhead.py --out bench_out/overhead            # ~10 min on 2 CPU cores
+    python benchmarks/overhead.py --out bench_out/overhead            # ~23 min on 2 CPU cores
 
 Writes DIR/overhead.json with one summary per rank count under `by_ranks` (and the worst rank count's three ratios
-at the top level): `overhead_ratio` (median cooperative
+at the top level), and the sharded comparison under `sharded` (its ratios against fsdp2, and the bytes one clone
+moves over all its rank pairs against one member's state). Per rank count: `overhead_ratio` (median cooperative
 step of clan_duty0 / median step of trainer), `competitive_ratio` (clan_default's competitive step, batch broadcast
 included, / trainer), `memory_ratio` (largest peak RSS of a clan rank / of a trainer_eval rank; also against
 trainer as `memory_ratio_vs_no_eval`), the per-round split of
@@ -45,6 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import MarkovText, cpu_cores, launch, log_tail, markov_table, tiny_gpt2, write_json  # noqa: E402
 
 RUNS = ["trainer", "trainer_eval", "clan_duty0", "clan_default"]
+SHARDED_RUNS = ["fsdp2", "hsdp", "clan_sharded_duty0", "clan_sharded_default"]
+SHARDED_RANKS, RANKS_PER_MEMBER = 4, 2
 SETTINGS = {
     "full": dict(steps=600, round_steps=200, width=64, layers=3, seq_len=64, batch=8, eval_size=256),
     "tiny": dict(steps=12, round_steps=6, width=32, layers=2, seq_len=16, batch=4, eval_size=32),
@@ -80,6 +91,23 @@ class TimedTrainer(Trainer):
 
     def round_time_in_step(self) -> float:
         return 0.0
+
+
+class FSDP2Trainer(TimedTrainer):
+    """Plain FSDP2 (a 1-D `mesh`) or HSDP (2-D: replicas x shards), one unit per transformer block, as a user
+    training one big model would. Sharded the way ClanTrainer shards a member, and taking the Trainer's path for a
+    model that owns its sharding (no DDP wrap), so the runs differ only in what the clan adds."""
+
+    def __init__(self, *args, mesh: tuple[int, ...], **kwargs):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        super().__init__(*args, **kwargs)
+        mesh = init_device_mesh("cpu", mesh, mesh_dim_names=("replicate", "shard")[-len(mesh) :])
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self.is_distributed_loading_by_transformers = True
 
 
 class TimedClanTrainer(ClanTrainer):
@@ -134,12 +162,16 @@ def run_job(run: str, settings: dict, job_dir: str) -> None:
     )  # fmt: skip
     if run == "trainer":
         trainer = TimedTrainer(model=model, args=TrainingArguments(**common), train_dataset=train)
+    elif run in ("fsdp2", "hsdp"):
+        mesh = (SHARDED_RANKS // RANKS_PER_MEMBER, RANKS_PER_MEMBER) if run == "hsdp" else (SHARDED_RANKS,)
+        trainer = FSDP2Trainer(model=model, args=TrainingArguments(**common), train_dataset=train, mesh=mesh)
     elif run == "trainer_eval":
         args = TrainingArguments(**common, eval_strategy="steps", eval_steps=settings["round_steps"])
         trainer = TimedTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals)
     else:
-        duty = 0.0 if run == "clan_duty0" else ClanConfig.duty_cycle
-        args = ClanConfig(**common, round_steps=settings["round_steps"], duty_cycle=duty)
+        duty = 0.0 if run.endswith("duty0") else ClanConfig.duty_cycle
+        ranks = RANKS_PER_MEMBER if "sharded" in run else 1
+        args = ClanConfig(**common, round_steps=settings["round_steps"], duty_cycle=duty, ranks_per_member=ranks)
         trainer = TimedClanTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals)
     start = time.perf_counter()
     trainer.train()
@@ -160,13 +192,15 @@ def run_job(run: str, settings: dict, job_dir: str) -> None:
         write_json(os.path.join(job_dir, "timing.json"), timing)
 
 
-def model_bytes(settings: dict) -> dict:
+def model_bytes(settings: dict, ranks_per_member: int = 1) -> dict:
+    """One member's state in bytes. A sharded member's ranks split its weights and Adam moments; each rank holds its
+    own copy of the buffers and its own Adam `step` counters."""
     model = tiny_gpt2(seq_len=settings["seq_len"], width=settings["width"], layers=settings["layers"])
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    buffers = ranks_per_member * sum(b.numel() * b.element_size() for b in model.buffers())
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
     # AdamW state per parameter tensor: exp_avg and exp_avg_sq (like the parameter) and a float32 `step` scalar.
-    optimizer = 2 * params + 4 * tensors
+    optimizer = 2 * params + 4 * tensors * ranks_per_member
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "param_bytes": params,
@@ -215,6 +249,8 @@ def summarize(timings: dict[str, list[dict]], settings: dict) -> dict:
             runs[run]["bytes_sent"] = runs[run].get("bytes_sent", 0) + t.get("bytes_sent", 0)
             runs[run]["exchanges"] = runs[run].get("exchanges", 0) + t.get("exchanges", 0)
 
+    if "fsdp2" in runs:
+        return summarize_sharded(runs, settings)
     base = runs["trainer"]["step_s_median"]
     result = {"runs": runs}
     result["overhead_ratio"] = runs["clan_duty0"]["cooperative_step_s_median"] / base
@@ -244,17 +280,7 @@ def summarize(timings: dict[str, list[dict]], settings: dict) -> dict:
     }
     result["round_split"] = split
 
-    sizes = model_bytes(settings)
-    exchanges = sum(r["exchanges"] for r in runs.values() if "exchanges" in r)
-    moved = sum(r["bytes_sent"] for r in runs.values() if "bytes_sent" in r)
-    per_exchange = moved / exchanges if exchanges else None
-    result["exchange"] = {
-        **sizes,
-        "exchanges": exchanges,
-        "bytes_per_exchange": per_exchange,
-        "bytes_per_exchange_over_param_bytes": per_exchange / sizes["param_bytes"] if per_exchange else None,
-        "bytes_per_exchange_over_expected": per_exchange / sizes["clone_bytes_expected"] if per_exchange else None,
-    }
+    result["exchange"] = exchange_bytes(runs, settings)
     result["targets"] = {
         "cooperative_step_within_2pct_of_ddp": result["overhead_ratio"] <= 1.02,
         "competitive_step_below_cooperative": competitive is not None
@@ -263,6 +289,39 @@ def summarize(timings: dict[str, list[dict]], settings: dict) -> dict:
         "selection_exchange_under_2pct_of_round": split["fractions"]["selection_exchange"] < 0.02,
     }
     return result
+
+
+def exchange_bytes(runs: dict, settings: dict, ranks_per_member: int = 1) -> dict:
+    """Bytes one clone moves (over all the rank pairs of a sharded member) against one member's state."""
+    sizes = model_bytes(settings, ranks_per_member)
+    exchanges = sum(r["exchanges"] for r in runs.values() if "exchanges" in r)
+    moved = sum(r["bytes_sent"] for r in runs.values() if "bytes_sent" in r)
+    per_exchange = moved / exchanges if exchanges else None
+    return {
+        **sizes,
+        "exchanges": exchanges,
+        "bytes_per_exchange": per_exchange,
+        "bytes_per_exchange_over_param_bytes": per_exchange / sizes["param_bytes"] if per_exchange else None,
+        "bytes_per_exchange_over_expected": per_exchange / sizes["clone_bytes_expected"] if per_exchange else None,
+    }
+
+
+def summarize_sharded(runs: dict, settings: dict) -> dict:
+    base = runs["fsdp2"]["step_s_median"]
+    coop = runs["clan_sharded_duty0"]["cooperative_step_s_median"]
+    competitive = runs["clan_sharded_default"]["competitive_step_s_median"]
+    clan_rss = max(runs[r]["peak_rss_mb"] for r in SHARDED_RUNS if r.startswith("clan"))
+    return {
+        "layout": f"{SHARDED_RANKS // RANKS_PER_MEMBER} members x {RANKS_PER_MEMBER} ranks",
+        "runs": runs,
+        "overhead_ratio": coop / base,
+        "overhead_ratio_default_duty": runs["clan_sharded_default"]["cooperative_step_s_median"] / base,
+        "overhead_ratio_vs_hsdp": coop / runs["hsdp"]["step_s_median"],
+        "competitive_ratio": None if competitive is None else competitive / base,
+        "memory_ratio_vs_fsdp2": clan_rss / runs["fsdp2"]["peak_rss_mb"],
+        "memory_ratio_vs_hsdp": clan_rss / runs["hsdp"]["peak_rss_mb"],
+        "exchange": exchange_bytes(runs, settings, RANKS_PER_MEMBER),
+    }
 
 
 def markdown(result: dict, num_processes: int) -> str:
@@ -304,6 +363,59 @@ def markdown(result: dict, num_processes: int) -> str:
     return "\n".join(lines)
 
 
+def markdown_sharded(result: dict) -> str:
+    runs, ex = result["runs"], result["exchange"]
+    lines = [
+        f"### {SHARDED_RANKS} ranks, sharded members ({result['layout']}) against plain FSDP2",
+        "",
+        "| run | median step ms | cooperative ms | competitive ms | peak RSS per rank MB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        comp = run["competitive_step_s_median"]
+        lines.append(
+            f"| {name} | {1e3 * run['step_s_median']:.1f} | {1e3 * run['cooperative_step_s_median']:.1f} | "
+            f"{'–' if comp is None else f'{1e3 * comp:.1f}'} | {run['peak_rss_mb']:.0f} |"
+        )
+    competitive = result["competitive_ratio"]
+    lines += [
+        "",
+        f"overhead_ratio (sharded clan cooperative step / FSDP2 Trainer step): {result['overhead_ratio']:.3f} "
+        f"(default duty cycle run: {result['overhead_ratio_default_duty']:.3f}); against the HSDP Trainer of the same "
+        f"2 x 2 layout: {result['overhead_ratio_vs_hsdp']:.3f}",
+        "competitive_ratio (competitive step / FSDP2 Trainer step): "
+        + ("–" if competitive is None else f"{competitive:.3f}"),
+        f"memory_ratio_vs_fsdp2 (peak RSS per rank): {result['memory_ratio_vs_fsdp2']:.3f}; against HSDP: "
+        f"{result['memory_ratio_vs_hsdp']:.3f}",
+    ]
+    if ex["bytes_per_exchange"]:
+        lines.append(
+            f"bytes per clone, over its {RANKS_PER_MEMBER} rank pairs: {ex['bytes_per_exchange'] / 1e6:.3f} MB = "
+            f"{ex['bytes_per_exchange_over_expected']:.3f}x one member's state "
+            f"({ex['clone_bytes_expected'] / 1e6:.3f} MB: weights, Adam moments, and each rank's buffers and step "
+            f"counters; {ex['exchanges']} clones measured)"
+        )
+    return "\n".join(lines)
+
+
+def run_all(runs: list[str], num_processes: int, settings: dict, args, bar) -> dict:
+    """`args.repeats` interleaved repeats of `runs` on `num_processes` ranks; returns their summary."""
+    timings: dict[str, list[dict]] = {run: [] for run in runs}
+    for repeat in range(args.repeats):
+        for run in runs:
+            bar.set_postfix_str(f"{run}, {num_processes} ranks")
+            job_dir = os.path.join(args.out, "runs", f"p{num_processes}", f"{run}_{repeat}")
+            os.makedirs(job_dir, exist_ok=True)
+            job = dict(settings, num_processes=num_processes)
+            try:
+                launch(run_job, num_processes, run, job, job_dir, log_path=f"{job_dir}/log")
+            except RuntimeError as error:
+                raise RuntimeError(f"{run} failed: {error}\n{log_tail(f'{job_dir}/log')}") from error
+            timings[run].append(_read(os.path.join(job_dir, "timing.json")))
+            bar.update(1)
+    return summarize(timings, settings)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Directory for overhead.json and every run's logs.")
@@ -322,23 +434,10 @@ def main(argv: list[str] | None = None) -> dict:
         settings["round_steps"] = args.round_steps
     ranks = args.num_processes or RANKS[mode]
     start = time.perf_counter()
-    by_ranks = {}
-    with tqdm(total=len(ranks) * args.repeats * len(RUNS), desc="overhead", unit="run") as bar:
-        for num_processes in ranks:
-            timings: dict[str, list[dict]] = {run: [] for run in RUNS}
-            for repeat in range(args.repeats):
-                for run in RUNS:
-                    bar.set_postfix_str(f"{run}, {num_processes} ranks")
-                    job_dir = os.path.join(args.out, "runs", f"p{num_processes}", f"{run}_{repeat}")
-                    os.makedirs(job_dir, exist_ok=True)
-                    job = dict(settings, num_processes=num_processes)
-                    try:
-                        launch(run_job, num_processes, run, job, job_dir, log_path=f"{job_dir}/log")
-                    except RuntimeError as error:
-                        raise RuntimeError(f"{run} failed: {error}\n{log_tail(f'{job_dir}/log')}") from error
-                    timings[run].append(_read(os.path.join(job_dir, "timing.json")))
-                    bar.update(1)
-            by_ranks[str(num_processes)] = summarize(timings, settings)
+    total = (len(ranks) * len(RUNS) + len(SHARDED_RUNS)) * args.repeats
+    with tqdm(total=total, desc="overhead", unit="run") as bar:
+        by_ranks = {str(p): run_all(RUNS, p, settings, args, bar) for p in ranks}
+        sharded = run_all(SHARDED_RUNS, SHARDED_RANKS, settings, args, bar)
     result = {
         "settings": settings,
         "machine": f"{cpu_cores()} CPU cores, gloo ranks with one thread each",
@@ -348,10 +447,11 @@ def main(argv: list[str] | None = None) -> dict:
             for key in ("overhead_ratio", "competitive_ratio", "memory_ratio")
         },
         "by_ranks": by_ranks,
+        "sharded": sharded,
         "wall_s": time.perf_counter() - start,
     }
     write_json(os.path.join(args.out, "overhead.json"), result)
-    print("\n\n".join(markdown(summary, int(p)) for p, summary in by_ranks.items()))
+    print("\n\n".join([*(markdown(summary, int(p)) for p, summary in by_ranks.items()), markdown_sharded(sharded)]))
     return result
 
 

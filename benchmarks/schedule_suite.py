@@ -118,7 +118,9 @@ VARIANTS: dict[str, dict] = {
     "no_mirroring": {"mirrored_clones": False},
     "averaging": {"fitness_average_window": 0.5},
     "none": {
-        "initial_spread": "local", "step_size_control": "self_adaptive", "resample_probability": 0.0,
+        "initial_spread": "local",
+        "step_size_control": "self_adaptive",
+        "resample_probability": 0.0,
         "mirrored_clones": False,
     },  # fmt: skip
     # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a

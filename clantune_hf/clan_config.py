@@ -19,10 +19,10 @@ class ClanConfig(TrainingArguments):
     r"""
     Configuration for [`ClanTrainer`]: every [`~transformers.TrainingArguments`] field, plus the clan's.
 
-    Launched with `accelerate launch --num_processes N`, the N processes are N clan members. Each round of
-    `round_steps` optimizer steps is cooperative (shared gradients) for a fraction `1 - duty_cycle` of its steps and
-    competitive (own gradients on common data) for the rest; then every member is evaluated and the weakest are
-    replaced by mutated clones of the strongest.
+    Launched with `accelerate launch --num_processes N`, the N processes are N clan members (N / k members of k
+    processes each with `ranks_per_member=k`). Each round of `round_steps` optimizer steps is cooperative (shared
+    gradients) for a fraction `1 - duty_cycle` of its steps and competitive (own gradients on common data) for the
+    rest; then every member is evaluated and the weakest are replaced by mutated clones of the strongest.
 
     Parameters:
         > Parameters that control the round

@@ -82,7 +82,8 @@ class ClanTrainer(Trainer):
     """
     A [`~transformers.Trainer`] whose processes are the members of a clan (see [`ClanConfig`]).
 
-    Each process trains its own member: its own weights, optimizer state and genome of hyperparameters. In the
+    Each process trains its own member (with `ranks_per_member=k`, each k processes an FSDP2-sharded one, see
+    members.py): its own weights, optimizer state and genome of hyperparameters. In the
     cooperative steps of a round, gradients are all-reduced exactly as DDP does and each member applies the shared
     gradient with its own optimizer genes; in the competitive steps every member trains on rank 0's batch without
     gradient sync, with all its genes expressed. At the end of a round every member is evaluated on the whole
@@ -360,13 +361,13 @@ class ClanTrainer(Trainer):
             self._check_gradients(model)
         return loss
 
-    def _check_gradients(self, model: DistributedDataParallel) -> None:
+    def _check_gradients(self, model: nn.Module) -> None:
         """After the last backward of a step: a member with a non-finite gradient skips its update and ranks last.
 
-        The check costs nothing extra: the step's gradient norm is computed once here and reused by the clip and
-        the logs. A non-finite contribution makes the all-reduced gradient non-finite on every rank alike, so in
-        that rare cooperative step every rank recomputes its own gradient and the healthy members share theirs
-        without it.
+        The check costs nothing extra: the step's gradient norm (over all of a sharded member's shards) is computed
+        once here and reused by the clip and the logs. A non-finite contribution makes the all-reduced gradient
+        non-finite on every rank alike, so in that rare cooperative step every rank recomputes its own gradient and
+        the healthy members share theirs without it.
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
         self._grad_norm = member_grad_norm([p.grad for p in params], self.layout) if params else None

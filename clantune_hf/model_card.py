@@ -43,11 +43,13 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
         origin = "This model was trained from scratch"
     else:
         origin = f"This model was fine-tuned from {link}"
+    k = trainer.layout.ranks_per_member
+    per_member = "one per process" if k == 1 else f"each an FSDP2-sharded model over {k} processes"
     lines = [
         f"# {model_name}",
         "",
         f"{origin} with **Clan Training** (`clantune_hf`): a clan of **{trainer.clan_size} members**,"
-        f" one per process, trained together for {trainer.state.global_step} optimizer steps. Each round of"
+        f" {per_member}, trained together for {trainer.state.global_step} optimizer steps. Each round of"
         f" **{args.round_steps} steps** was cooperative (gradients shared as in DDP, each member applying them"
         f" with its own hyperparameters) for {cooperative} steps and competitive (members training alone on common"
         f" data) for {args.round_steps - cooperative} (**duty cycle {args.duty_cycle:g}**); then every member was"

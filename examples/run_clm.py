@@ -19,6 +19,14 @@ The same with LoRA adapters (a clan of adapters over one frozen base; add `--mod
         --train_file examples/data/clm_train.txt --validation_file examples/data/clm_validation.txt \
         --block_size 64 --learning_rate 5e-3 --max_steps 60 --round_steps 20 --lora_r 8 --output_dir runs/clm-lora
 
+Two members of 2 CPU ranks each (4 processes; each member an FSDP2-sharded model, see `--ranks_per_member`):
+
+    accelerate launch --config_file accelerate_configs/cpu_4_members.yaml examples/run_clm.py \
+        --config_name examples/configs/tiny-gpt2 \
+        --train_file examples/data/clm_train.txt --validation_file examples/data/clm_validation.txt \
+        --block_size 64 --per_device_train_batch_size 8 --learning_rate 2e-3 --max_steps 60 \
+        --round_steps 20 --ranks_per_member 2 --output_dir runs/clm-sharded
+
 The schedule that clan found, replayed by one plain `Trainer` (one process, no clan; 16 = the clan's 2 x 8 global
 batch):
 
@@ -36,6 +44,15 @@ A model and data set from the Hub, one member per GPU:
         --block_size 512 --per_device_train_batch_size 8 --learning_rate 5e-5 --max_steps 2000 \
         --round_steps 200 --duty_cycle 0.15 --genes learning_rate weight_decay dropout --fitness_eval_samples 256 \
         --output_dir runs/gpt2-wikitext --report_to tensorboard
+
+A model too big for one GPU: 8 GPUs as 2 members of 4 GPUs each, every member FSDP2-sharded over its 4:
+
+    accelerate launch --config_file accelerate_configs/multi_gpu_sharded_members.yaml examples/run_clm.py \
+        --model_name_or_path meta-llama/Llama-3.1-8B \
+        --dataset_name Salesforce/wikitext --dataset_config_name wikitext-2-raw-v1 \
+        --block_size 1024 --per_device_train_batch_size 4 --learning_rate 2e-5 --max_steps 2000 --bf16 \
+        --ranks_per_member 4 --round_steps 200 --genes learning_rate weight_decay --fitness_eval_samples 256 \
+        --output_dir runs/llama-sharded-clan
 
 The run ends with the best member saved in `--output_dir` (with a model card showing the discovered schedule),
 `clan_history.jsonl` and `clan_schedule.json` beside it; `clantune plot OUTPUT_DIR` draws them.

@@ -182,7 +182,7 @@ def check_clone_fitness_and_save(output_dir):
     """A clone's shards (weights and Adam state) equal its source's bit for bit, rank j from rank j; fitness equals
     the unsharded eval loss of the member; the saved model is the best member, loads with from_pretrained and
     evaluates to the final fitness."""
-    trainer = make_trainer(output_dir, CloneRecordingTrainer, max_steps=8)
+    trainer = make_trainer(output_dir, CloneRecordingTrainer, max_steps=8, save_strategy="no")
     trainer.plain = tiny_gpt2(dropout=0.0)
     trainer.train()
     layout = trainer.layout
@@ -215,6 +215,15 @@ def check_clone_fitness_and_save(output_dir):
     own = full_state(trainer.model)
     for name, value in saved.state_dict().items():
         assert torch.equal(value, own[name]), f"every member now holds the best one; {name} differs"
+    with open(f"{output_dir}/final/README.md") as f:
+        assert "**2 members**, each an FSDP2-sharded model over 2 processes" in f.read()
+
+    # predict(): the best member's logits on every rank, in the dataset's order, as the saved model computes them.
+    prediction = trainer.predict(trainer.eval_dataset)
+    inputs = torch.stack([trainer.eval_dataset[i]["input_ids"] for i in range(len(trainer.eval_dataset))])
+    with torch.no_grad():
+        expected = saved.eval()(input_ids=inputs).logits
+    assert torch.allclose(torch.as_tensor(prediction.predictions), expected, rtol=1e-4, atol=1e-5)
 
 
 class StopAfter(TrainerCallback):
@@ -247,6 +256,15 @@ def check_resume(output_dir):
     assert set(actual) == set(expected)
     for key, value in expected.items():
         assert torch.equal(actual[key], value), key
+
+    # The checkpoint holds members of 2 ranks: a clan of 4 one-rank members cannot resume it.
+    mismatched = make_trainer(f"{output_dir}/b", ranks_per_member=1, **settings)
+    try:
+        mismatched.train(resume_from_checkpoint=f"{output_dir}/b/checkpoint-6")
+    except ValueError as error:
+        assert "ranks_per_member=2" in str(error), error
+    else:
+        raise AssertionError("resuming with another ranks_per_member must be refused")
 
 
 def check_lora(output_dir):

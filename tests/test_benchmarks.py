@@ -212,6 +212,15 @@ def test_overhead_tiny(tmp_path):
     }
     assert "overhead_ratio" in stdout and "memory_ratio" in stdout
 
+    sharded = full["sharded"]
+    assert set(sharded["runs"]) == {"fsdp2", "hsdp", "clan_sharded_duty0", "clan_sharded_default"}
+    assert sharded["overhead_ratio_vs_hsdp"] > 0
+    assert sharded["overhead_ratio"] > 0 and sharded["competitive_ratio"] > 0
+    # A clone of a member sharded over 2 ranks moves one member's state over its 2 rank pairs: nothing more.
+    assert sharded["exchange"]["exchanges"] >= 2
+    assert sharded["exchange"]["bytes_per_exchange"] == sharded["exchange"]["clone_bytes_expected"]
+    assert "against plain FSDP2" in stdout
+
 
 def test_ray_pbt_tiny(tmp_path):
     """Ray Tune's PBT baseline (`pbt_ray`) runs end to end at the tiny budget and is scored like every other method:

@@ -13,20 +13,23 @@ from testing_utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_CONFIG = "accelerate_configs/cpu_2_members.yaml"
+SHARDED_CONFIG = "accelerate_configs/cpu_4_members.yaml"  # 2 members of 2 ranks each, with --ranks_per_member 2
 
 
-def docstring_commands(script: str) -> list[list[str]]:
-    """The offline commands in the script's docstring (`accelerate launch` with the 2-member CPU config, or a plain
-    `python` run), as argument lists."""
+def docstring_commands(script: str, config: str = CPU_CONFIG) -> list[list[str]]:
+    """The offline commands in the script's docstring (`accelerate launch` with the CPU config `config`, or a plain
+    `python` run when `config` is the 2-member one), as argument lists."""
     with open(os.path.join(ROOT, script)) as f:
         docstring = ast.get_docstring(ast.parse(f.read()))
     commands = re.findall(r"^\s*((?:accelerate launch|python) .*?)(?:\n\s*\n|\Z)", docstring, flags=re.M | re.S)
-    return [shlex.split(c.replace("\\\n", " ")) for c in commands if CPU_CONFIG in c or c.startswith("python")]
+    plain = config == CPU_CONFIG
+    return [shlex.split(c.replace("\\\n", " ")) for c in commands if config in c or (plain and c.startswith("python"))]
 
 
 def run_command(command: list[str], output_dir: str, *extra: str, steps: int = 8, round_steps: int = 4) -> str:
     if command[0] == "accelerate":
-        assert command[:4] == ["accelerate", "launch", "--config_file", CPU_CONFIG], command
+        assert command[:3] == ["accelerate", "launch", "--config_file"], command
+        assert command[3] in (CPU_CONFIG, SHARDED_CONFIG), command
         command = [*command[:2], "--main_process_port", str(free_port()), *command[2:]]
         command += ["--round_steps", str(round_steps)]
     else:
@@ -54,6 +57,7 @@ def read_history(output_dir: str) -> list[dict]:
 
 
 def check_clan_outputs(output_dir: str, steps: int = 8, round_steps: int = 4) -> list[dict]:
+    """A 2-member clan's history, schedule and model card."""
     history = read_history(output_dir)
     rounds = sorted({r["round"] for r in history})
     assert rounds == list(range(steps // round_steps)), rounds
@@ -99,6 +103,17 @@ def test_run_clm_lora(tmp_path):
     check_clan_outputs(output_dir)
     files = set(os.listdir(output_dir))
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= files, files
+
+
+def test_run_clm_with_members_sharded_over_two_ranks(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    (command,) = docstring_commands("examples/run_clm.py", SHARDED_CONFIG)
+    assert command[command.index("--ranks_per_member") + 1] == "2"
+    output_dir = str(tmp_path / "clm-sharded")
+    run_command(command, output_dir)
+    check_clan_outputs(output_dir)
+    AutoModelForCausalLM.from_pretrained(output_dir)  # the best member, gathered from its shards
 
 
 def test_run_classification_ranks_members_by_evaluate_accuracy(tmp_path):

@@ -30,6 +30,10 @@ def _refused_layouts(output_dir):
         args = ClanConfig(output_dir=output_dir, ranks_per_member=ranks, max_steps=4, round_steps=2, report_to="none")
         with pytest.raises(ValueError, match=rf"ranks_per_member={ranks}.*{words}"):
             ClanTrainer(model=tiny_gpt2(), args=args, train_dataset=PatternDataset(8), eval_dataset=PatternDataset(4))
+    args = ClanConfig(output_dir=output_dir, ranks_per_member=2, max_steps=4, round_steps=2, report_to="none")
+    with pytest.raises(ValueError, match="model_init"):
+        data = {"train_dataset": PatternDataset(8), "eval_dataset": PatternDataset(4)}
+        ClanTrainer(model_init=lambda: tiny_gpt2(), args=args, **data)
 
 
 def test_layouts_that_make_no_clan_are_refused_at_init(tmp_path):
