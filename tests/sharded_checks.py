@@ -272,18 +272,9 @@ def check_lora(output_dir):
     adapters and Adam state (split over its rank pairs) and no base weight, and `save_model` writes the best member's
     adapter, which reloads over a fresh base to the final best fitness."""
     import peft
-    from testing_utils import tiny_llama
+    from testing_utils import count_clone_bytes, tiny_llama
 
-    import clantune_hf.clan_trainer
-
-    sent = []
-    send_member = clantune_hf.clan_trainer.send_member
-
-    def counting_send_member(model, optimizer, dst):
-        sent.append(send_member(model, optimizer, dst))
-        return sent[-1]
-
-    clantune_hf.clan_trainer.send_member = counting_send_member  # this rank's process only (forked)
+    sent = count_clone_bytes()
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = peft.get_peft_model(tiny_llama(), config)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}

@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from testing_utils import PatternDataset, run_clan, tiny_llama
+from testing_utils import PatternDataset, count_clone_bytes, run_clan, tiny_llama
 
-import clantune_hf.clan_trainer
 from clantune_hf import ClanConfig, ClanTrainer
 
 peft = pytest.importorskip("peft")
@@ -26,14 +25,7 @@ def state_bytes(tensors) -> int:
 
 
 def train_lora_clan(output_dir: str) -> None:
-    sent = []
-    send_member = clantune_hf.clan_trainer.send_member
-
-    def counting_send_member(model, optimizer, dst):
-        sent.append(send_member(model, optimizer, dst))
-        return sent[-1]
-
-    clantune_hf.clan_trainer.send_member = counting_send_member  # this rank's process only (forked)
+    sent = count_clone_bytes()
     model = lora_model()
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     args = ClanConfig(

@@ -76,6 +76,21 @@ def tiny_bert_classifier() -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
+def count_clone_bytes() -> list[int]:
+    """From now on in this (forked) rank's process, each clone it sends appends its bytes to the list returned."""
+    import clantune_hf.clan_trainer
+
+    sent = []
+    send_member = clantune_hf.clan_trainer.send_member
+
+    def counting_send_member(model, optimizer, dst):
+        sent.append(send_member(model, optimizer, dst))
+        return sent[-1]
+
+    clantune_hf.clan_trainer.send_member = counting_send_member
+    return sent
+
+
 def free_port() -> int:
     import socket
 
