@@ -69,10 +69,11 @@ def _local_state(state: dict) -> dict:
 
 
 def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After loading local shards: optimizer state of a sharded parameter back to a DTensor placed like it."""
+    """After loading local shards: optimizer state of a sharded parameter back to a DTensor placed like it (state
+    shaped like the parameter, e.g. Adam's moments; counters such as `step` stay plain, as the optimizer made them)."""
     for param, entries in optimizer.state.items():
         for key, value in entries.items():
-            if torch.is_tensor(value) and value.shape == local(param).shape:
+            if key != "step" and torch.is_tensor(value) and value.shape == local(param).shape:
                 entries[key] = like(value, param)
 
 
