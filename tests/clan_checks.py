@@ -305,3 +305,40 @@ def check_short_data(output_dir):
     assert gather(trainer.state.global_step) == [4] * clan_size
     assert len(set(gather(digest(p for _, p in member_tensors(trainer.model))))) == 1
     assert [r["round"] for r in trainer.clan_history] == [0] * clan_size + [1] * clan_size
+
+
+class PassengerRecordingTrainer(ClanTrainer):
+    """Records whether each cooperative step's gradient is the mean of the members that share (not `left_out`)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = self._prepare_inputs(inputs)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss = super(ClanTrainer, self).compute_loss(self.model, dict(inputs), num_items_in_batch=num_items_in_batch)
+        local = [torch.zeros_like(p) if g is None else g for g, p in
+                 zip(torch.autograd.grad(loss, params, allow_unused=True), params, strict=True)]  # fmt: skip
+        sharing = self.member not in self.left_out
+        expected = [g * float(sharing) for g in local]
+        for g in expected:
+            dist.all_reduce(g)
+            g.div_(self.clan_size - len(self.left_out))
+        out = super().training_step(model, inputs, num_items_in_batch)
+        if not self._competitive:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            self.steps.append(
+                all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, expected, strict=True))
+            )
+        return out
+
+
+def check_passengers(output_dir):
+    """A member whose learning rate is far from the clan's median adds no gradient while the clan cooperates: the
+    shared gradient is the mean of the others' (and every member, the far one too, applies it)."""
+    trainer = make_trainer(output_dir, PassengerRecordingTrainer, duty_cycle=0.0, round_steps=3, max_steps=3,
+                           genes=["learning_rate"], share_radius=0.25)  # fmt: skip
+    lrs = [3e-3, 3.3e-3, 2.7e-3, 3e-1][: trainer.clan_size]
+    for genome, lr in zip(trainer.genomes, lrs, strict=True):
+        genome["learning_rate"].value = lr
+    trainer.left_out = {3} if trainer.clan_size == 4 else set()
+    trainer.steps = []
+    trainer.train()
+    assert trainer.steps and all(trainer.steps), trainer.steps
