@@ -129,9 +129,6 @@ VARIANTS: dict[str, dict] = {
     "duty_0.3": {"duty_cycle": 0.3},
     "cooldown": {"cooldown_fraction": 0.2},
     "spread_half": {"initial_spread_width": 0.5},
-    # Far-off members add no gradient while the clan cooperates (more than 10x, or 4x, from the median learning rate).
-    "share_0.25": {"share_radius": 0.25},
-    "share_0.15": {"share_radius": 0.15},
 }
 DEFAULT_SEEDS = {"full": "0", "quick": "0,1,2", "tiny": "0"}
 # `--ray-problems a,b` limits pbt_ray (the slowest method: Ray starts a worker process per trial) to some problems.

@@ -78,11 +78,6 @@ class ClanConfig(TrainingArguments):
             Fraction of the run, at its end, over which every member's learning rate decays linearly to 0 on top of
             the `lr_scheduler_type` shape (a warmup-stable-decay run with the learning-rate gene as its level). The
             rounds in the cooldown rank members by their annealed weights. `0` keeps the scheduler's shape as is.
-        share_radius (`float`, *optional*, defaults to `1.0`):
-            While the clan cooperates, a member whose optimizer genes (e.g. its learning rate) lie farther than this
-            fraction of a gene's bounds (in scale space) from the clan's median applies the others' shared gradient
-            but adds none of its own, so a far-off member cannot drag the others with it; at most (N - 1) // 2
-            members are left out. In (0, 1]; `1.0` lets every member share.
         fitness_eval_samples (`int` or `None`, *optional*, defaults to `None`):
             Evaluate each member's fitness on the first this many samples of `eval_dataset` instead of all of it.
 
@@ -178,13 +173,6 @@ class ClanConfig(TrainingArguments):
             "the scheduler's shape, in [0, 1]; 0 keeps the shape as is."
         },
     )
-    share_radius: float = field(
-        default=1.0,
-        metadata={
-            "help": "While cooperating, members whose optimizer genes lie farther than this fraction of a gene's "
-            "bounds from the clan median add no gradient of their own, in (0, 1]; 1 lets every member share."
-        },
-    )
     fitness_eval_samples: int | None = field(
         default=None,
         metadata={"help": "Evaluate fitness on the first this many samples of eval_dataset (default: all of it)."},
@@ -258,7 +246,6 @@ class ClanConfig(TrainingArguments):
             if not optional and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"`{name}` must be an integer, got {value!r}.")
         fractions = (
-            "share_radius",
             "initial_spread_width",
             "duty_cycle",
             "selection_fraction",
@@ -289,9 +276,8 @@ class ClanConfig(TrainingArguments):
         for name in ("resample_probability", "fitness_average_window", "cooldown_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
-        for name in ("initial_spread_width", "share_radius"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
+        if not 0.0 < self.initial_spread_width <= 1.0:
+            raise ValueError(f"`initial_spread_width` must be in (0, 1], got {self.initial_spread_width}.")
         for name, choices in (("initial_spread", SPREADS), ("step_size_control", STEP_SIZE_CONTROLS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")

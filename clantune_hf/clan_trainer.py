@@ -59,7 +59,6 @@ from .genetics import (
     genome_values,
     initial_clan,
     make_rng,
-    passengers,
     rank_members,
     reproduce,
     selection_plan,
@@ -222,7 +221,6 @@ class ClanTrainer(Trainer):
         self._expressed: dict[str, float] = {}
         self._expressed_phase: bool | None = None  # competitive?, or None when genes must be expressed again
         self._competitive = False
-        self._gradient_weight = 1.0  # see _express and compute_loss
         self._diverged = False
         self._schedule_base_lrs: list[float] | None = None
         self._decay_groups: list[bool] | None = None
@@ -268,11 +266,6 @@ class ClanTrainer(Trainer):
         express(self, values, self._schedule_base_lrs, self._decay_groups, self._custom)
         self._expressed = values
         self._expressed_phase = competitive
-        sharing_all = competitive or self.args.share_radius >= 1.0
-        left_out = set() if sharing_all else passengers(self.genomes, self.args.share_radius)
-        # The weight of this member's own gradient in the shared one: none if it is left out, and the others make
-        # up for it so the shared gradient keeps its size.
-        self._gradient_weight = 0.0 if self.member in left_out else self.clan_size / (self.clan_size - len(left_out))
 
     # ---- Trainer hooks ----
 
@@ -310,16 +303,6 @@ class ClanTrainer(Trainer):
         # Kept so that the rare cooperative step whose shared gradient is non-finite can recompute each member's own.
         self._step_inputs = (batches, num_items, None if self._competitive else _rng_state())
         return to_slots(batches, num_batches), num_items
-
-    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        weight = self._gradient_weight
-        if weight == 1.0 or not model.training:
-            return out
-        loss = out[0] if return_outputs else out
-        # The same value (the logs see the member's own loss), `weight` times the gradient (see share_radius).
-        loss = loss.detach() + weight * (loss - loss.detach())
-        return (loss, *out[1:]) if return_outputs else loss
 
     def _accumulation(self, num_batches: int) -> tuple[int, int]:
         """How many micro-batches this member accumulates this step, and how many every rank draws from its data

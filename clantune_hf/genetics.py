@@ -30,7 +30,7 @@ import statistics
 import zlib
 from dataclasses import dataclass
 
-from .genes import OPTIMIZER, Gene
+from .genes import Gene
 
 Genome = dict[str, Gene]
 
@@ -144,23 +144,6 @@ def consensus(genomes: list[Genome], name: str) -> float:
     if gene.integer:
         value = min(max(float(round(value)), gene.low), gene.high)
     return value
-
-
-def passengers(genomes: list[Genome], radius: float) -> set[int]:
-    """Members whose optimizer genes lie more than `radius` of a gene's bounds (in scale space) from the clan's
-    median: while the clan cooperates they apply the others' shared gradient but add none of their own, so a member
-    whose learning rate is far off (diverging, or just far) cannot drag the others with it. At most the farthest
-    (P - 1) // 2 are left out, so most of the clan always shares."""
-    distance = [0.0] * len(genomes)
-    for name, gene in genomes[0].items():
-        if gene.kind != OPTIMIZER:
-            continue
-        points = [genome[name].to_space(genome[name].value) for genome in genomes]
-        median = statistics.median(points)
-        for member, y in enumerate(points):
-            distance[member] = max(distance[member], abs(y - median) / gene.width)
-    far = sorted((m for m in range(len(genomes)) if distance[m] > radius), key=lambda m: (-distance[m], m))
-    return set(far[: (len(genomes) - 1) // 2])
 
 
 def _badness(value: float, greater_is_better: bool) -> float:

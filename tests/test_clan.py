@@ -41,8 +41,3 @@ def test_fitness_can_be_a_compute_metrics_metric(tmp_path):
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_a_rank_short_of_data_does_not_hang_the_clan(tmp_path, num_processes):
     run_clan(clan_checks.check_short_data, num_processes, str(tmp_path))
-
-
-@pytest.mark.parametrize("num_processes", [2, 4])
-def test_far_off_members_add_no_gradient_while_cooperating(tmp_path, num_processes):
-    run_clan(clan_checks.check_passengers, num_processes, str(tmp_path))

@@ -21,7 +21,6 @@ from clantune_hf.genetics import (
     initial_clan,
     make_rng,
     mutate,
-    passengers,
     rank_members,
     reflect,
     reproduce,
@@ -359,23 +358,3 @@ def test_last_plan_reads_the_latest_selection_from_the_history():
 def test_default_bounds_cover_a_tenfold_error():
     low, high = default_bounds("learning_rate", 1e-4)
     assert low <= 1e-5 and high >= 1e-3
-
-
-def test_far_off_members_stop_adding_their_gradient_while_cooperating():
-    bounds = {"learning_rate": {"low": 1e-5, "high": 1e-1}}  # 4 decades: a radius of 0.25 is one decade
-
-    def clan(*lrs, dropout=(0.1, 0.1, 0.1, 0.1)):
-        return [
-            {"learning_rate": build_gene("learning_rate", lr, bounds["learning_rate"]),
-             "dropout": build_gene("dropout", p, {})}
-            for lr, p in zip(lrs, dropout, strict=False)
-        ]  # fmt: skip
-
-    assert passengers(clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 0.25) == {3}
-    assert passengers(clan(1e-3, 1.2e-3, 0.9e-3, 5e-3), 0.25) == set(), "within a decade of the median"
-    # At most (P - 1) // 2 are left out, the farthest first.
-    assert passengers(clan(1e-3, 1.2e-3, 1e-5, 9e-2), 0.25) == {2}  # 110x below the median, 82x above
-    assert passengers(clan(1e-3, 1e-5, 1e-1), 0.25) == {1} and passengers(clan(1e-3, 1e-1), 0.01) == set()
-    assert passengers(clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 1.0) == set(), "1.0: every member shares"
-    # Only optimizer genes count: a specialized gene is the clan's consensus while cooperating anyway.
-    assert passengers(clan(1e-3, 1e-3, 1e-3, 1e-3, dropout=(0.0, 0.1, 0.1, 0.9)), 0.1) == set()
