@@ -127,6 +127,9 @@ VARIANTS: dict[str, dict] = {
     # longer competitive window.
     "half_replaced": {"selection_fraction": 0.5},
     "duty_0.3": {"duty_cycle": 0.3},
+    # Where between the clan (duty 0.15) and plain PBT (duty 1.0) a problem changes behaviour.
+    "duty_0.5": {"duty_cycle": 0.5},
+    "duty_0.8": {"duty_cycle": 0.8},
     "cooldown": {"cooldown_fraction": 0.2},
     "spread_half": {"initial_spread_width": 0.5},
 }
