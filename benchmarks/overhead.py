@@ -324,10 +324,10 @@ def summarize_sharded(runs: dict, settings: dict) -> dict:
     }
 
 
-def markdown(result: dict, num_processes: int) -> str:
-    runs, split, ex = result["runs"], result["round_split"], result["exchange"]
+def run_table(title: str, runs: dict) -> list[str]:
+    """A markdown section: `title`, then one row of step times and memory per run."""
     lines = [
-        f"### {num_processes} ranks",
+        f"### {title}",
         "",
         "| run | median step ms | steps/s | cooperative ms | competitive ms | peak RSS per rank MB |",
         "|---|---|---|---|---|---|",
@@ -339,6 +339,12 @@ def markdown(result: dict, num_processes: int) -> str:
             f"{1e3 * run['cooperative_step_s_median']:.1f} | {'–' if comp is None else f'{1e3 * comp:.1f}'} | "
             f"{run['peak_rss_mb']:.0f} |"
         )
+    return lines
+
+
+def markdown(result: dict, num_processes: int) -> str:
+    split, ex = result["round_split"], result["exchange"]
+    lines = run_table(f"{num_processes} ranks", result["runs"])
     fractions = split["fractions"]
     competitive = result["competitive_ratio"]
     lines += [
@@ -364,19 +370,9 @@ def markdown(result: dict, num_processes: int) -> str:
 
 
 def markdown_sharded(result: dict) -> str:
-    runs, ex = result["runs"], result["exchange"]
-    lines = [
-        f"### {SHARDED_RANKS} ranks, sharded members ({result['layout']}) against plain FSDP2",
-        "",
-        "| run | median step ms | cooperative ms | competitive ms | peak RSS per rank MB |",
-        "|---|---|---|---|---|",
-    ]
-    for name, run in runs.items():
-        comp = run["competitive_step_s_median"]
-        lines.append(
-            f"| {name} | {1e3 * run['step_s_median']:.1f} | {1e3 * run['cooperative_step_s_median']:.1f} | "
-            f"{'–' if comp is None else f'{1e3 * comp:.1f}'} | {run['peak_rss_mb']:.0f} |"
-        )
+    ex = result["exchange"]
+    title = f"{SHARDED_RANKS} ranks, sharded members ({result['layout']}) against plain FSDP2"
+    lines = run_table(title, result["runs"])
     competitive = result["competitive_ratio"]
     lines += [
         "",

@@ -35,7 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .exchange import member_tensors
 from .genes import Gene
 from .genetics import Genome
-from .members import MemberLayout, like, local
+from .members import MemberLayout, local, shard_optimizer_state
 
 CLAN_DIR = "clan"
 CLAN_NAME = "clan.json"
@@ -66,15 +66,6 @@ def _local_state(state: dict) -> dict:
             for index, entries in state["state"].items()
         },
     }
-
-
-def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After loading local shards: optimizer state of a sharded parameter back to a DTensor placed like it (state
-    shaped like the parameter, e.g. Adam's moments; counters such as `step` stay plain, as the optimizer made them)."""
-    for param, entries in optimizer.state.items():
-        for key, value in entries.items():
-            if key != "step" and torch.is_tensor(value) and value.shape == local(param).shape:
-                entries[key] = like(value, param)
 
 
 def save_member(
@@ -135,7 +126,7 @@ def load_member(
             tensor.copy_(saved[name])
     optimizer_state = torch.load(os.path.join(folder, MEMBER_OPTIMIZER), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(optimizer_state)
-    _shard_optimizer_state(optimizer)
+    shard_optimizer_state(optimizer)
     scheduler.load_state_dict(torch.load(os.path.join(folder, MEMBER_SCHEDULER), weights_only=True))
     with open(os.path.join(folder, MEMBER_STATE)) as f:
         return json.load(f)

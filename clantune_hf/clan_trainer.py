@@ -182,8 +182,6 @@ class ClanTrainer(Trainer):
 
         # Every rank checks the layout before any compute; a sharded member is FSDP2-sharded here, once.
         self.layout = member_layout(args.ranks_per_member, self.args.device)
-        self.member = self.layout.member
-        self.clan_size = self.layout.clan_size
         self._sharing = True  # sharded members: whether gradient shards are averaged across members now
         if self.layout.sharded:
             if model_init is not None:
@@ -233,6 +231,16 @@ class ClanTrainer(Trainer):
         self.callback_handler.callbacks.insert(0, _RoundCallback(self))
         use_clan_console(self)
         leave_together_at_exit()
+
+    @property
+    def member(self) -> int:
+        """This rank's member (its process index when a member is one process)."""
+        return self.layout.member
+
+    @property
+    def clan_size(self) -> int:
+        """The number of members (the number of processes when a member is one process)."""
+        return self.layout.clan_size
 
     # ---- Genome ----
 
@@ -588,11 +596,7 @@ class ClanTrainer(Trainer):
         with self._average.swapped_in(self.model) if averaged else contextlib.nullcontext():
             own = math.nan if self._diverged else self._member_fitness()
         self._average.reset()
-        return self._per_member(all_gather_floats(own))
-
-    def _per_member(self, values: list) -> list:
-        """One value per member from one per rank (the ranks of a member agree)."""
-        return values[:: self.layout.ranks_per_member]
+        return self.layout.per_member(all_gather_floats(own))
 
     def _record_round(self, fitness: list[float], plan: dict[int, int]) -> None:
         """Check that every rank agrees, append the round to the history, and log its scalars."""

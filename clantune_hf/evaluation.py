@@ -181,7 +181,7 @@ def evaluate_clan(
     )
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, own.metrics)
-    every = trainer._per_member(every)
+    every = trainer.layout.per_member(every)
     key = (trainer.fitness_metric or "loss").removeprefix("eval_")
     if all(key in metrics for metrics in every):
         best = rank_members([float(m[key]) for m in every], trainer.greater_is_better)[0]
@@ -195,6 +195,6 @@ def evaluate_clan(
         metrics.update({f"{key_prefix}/{k}": v for k, v in member_metrics.items()})
     if keep_predictions:
         held = [(own.predictions, own.label_ids)]
-        dist.broadcast_object_list(held, src=best * trainer.layout.ranks_per_member)
+        dist.broadcast_object_list(held, src=trainer.layout.first_rank(best))
         own.predictions, own.label_ids = held[0]
     return metrics, own

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .members import MemberLayout, like, local
+from .members import MemberLayout, local, shard_optimizer_state
 
 
 def comm_device() -> torch.device:
@@ -129,7 +129,7 @@ def _optimizer_manifest(optimizer: torch.optim.Optimizer) -> list[tuple[int, str
         for key, value in sorted(optimizer.state.get(param, {}).items()):
             if torch.is_tensor(value):
                 shape, on_cpu = tuple(local(value).shape), value.device.type == "cpu"
-                manifest.append((index, key, ("tensor", shape, value.dtype, on_cpu, value is not local(value))))
+                manifest.append((index, key, ("tensor", shape, value.dtype, on_cpu)))
             else:
                 manifest.append((index, key, ("value", value)))
     return manifest
@@ -162,7 +162,6 @@ def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) ->
         param = params[index]
         if desc[0] == "tensor":
             value = next(tensors).to("cpu" if desc[3] else local(param).device, copy=True)
-            value = like(value, param) if desc[4] else value  # e.g. Adam's moments of a sharded parameter
         else:
             value = desc[1]
         new_state.setdefault(param, {})[key] = value
@@ -170,6 +169,7 @@ def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) ->
     for param in params:
         optimizer.state.pop(param, None)
     optimizer.state.update(new_state)
+    shard_optimizer_state(optimizer)
 
 
 def broadcast_weights(model: nn.Module, src: int, group: dist.ProcessGroup | None = None) -> None:
@@ -187,9 +187,9 @@ def gather_weights(model: nn.Module, src: int, layout: MemberLayout) -> dict[str
     """Member `src`'s full state dict, on rank 0 only (None elsewhere; also None when `src` is 0 and members are one
     rank each: use the model itself).
 
-    Called by every rank. A sharded member's tensors are gathered inside every member at once (each member's ranks
-    all-gather their shards), then member `src`'s first rank sends them to rank 0. With one rank per member only
-    `src` and 0 exchange tensors: parameters that are not trainable are the same in every member, so rank 0 takes its
+    Called by every rank. A sharded member `src` all-gathers its shards (a collective among its own ranks only; the
+    other members take no part), then its first rank sends them to rank 0. With one rank per member only `src` and
+    0 exchange tensors: parameters that are not trainable are the same in every member, so rank 0 takes its
     own. Tied weights stay tied: they are one tensor in `member_tensors`.
     """
     if layout.sharded:
@@ -206,20 +206,22 @@ def gather_weights(model: nn.Module, src: int, layout: MemberLayout) -> dict[str
 
 
 def _gather_sharded(model: nn.Module, src: int, layout: MemberLayout) -> dict[str, torch.Tensor] | None:
-    sender = src * layout.ranks_per_member
-    rank = dist.get_rank()
+    sender, rank = layout.first_rank(src), dist.get_rank()
+    state = model.state_dict()
     full = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # collective inside the member
-        if rank in (0, sender):
-            full[name] = tensor.detach().cpu()
-    if sender == 0 or rank not in (0, sender):
-        return full if rank == 0 else None
+    if layout.member == src:
+        for name, tensor in state.items():
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective in the member
+            if rank == sender:
+                full[name] = tensor.detach().cpu()
+    if rank == sender == 0:
+        return full
     if rank == sender:
         _send_flat(list(full.values()), 0)
-        return None
-    received = _recv_flat(_shapes(list(full.values())), sender)
-    return {name: value.cpu() for name, value in zip(full, received, strict=True)}
+    elif rank == 0:  # a DTensor's shape is its full shape: rank 0 knows what arrives without gathering its own
+        received = _recv_flat([(tuple(t.shape), t.dtype) for t in state.values()], sender)
+        return {name: value.cpu() for name, value in zip(state, received, strict=True)}
+    return None
 
 
 def broadcast_batches(

@@ -48,6 +48,14 @@ class MemberLayout:
         """The global rank that holds this rank's shard in `member`."""
         return member * self.ranks_per_member + self.shard
 
+    def first_rank(self, member: int) -> int:
+        """The global rank of `member`'s first shard: the same on every rank, so a valid `src` for the whole clan."""
+        return member * self.ranks_per_member
+
+    def per_member(self, values: list) -> list:
+        """One value per member from one per rank, in rank order (the ranks of a member agree)."""
+        return values[:: self.ranks_per_member]
+
 
 def member_layout(ranks_per_member: int, device: torch.device) -> MemberLayout:
     """This rank's layout; builds the device mesh (a collective: every rank calls it) when members are sharded."""
@@ -125,6 +133,16 @@ def like(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
             value, reference.device_mesh, reference.placements, shape=reference.shape, stride=reference.stride()
         )
     return value
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state that arrived as local shards (a clone received, a checkpoint loaded) back to DTensors placed
+    like their sharded parameters: the entries shaped like the parameter's shard, e.g. Adam's moments. Counters such
+    as `step` stay plain, as the optimizer made them. Nothing changes for parameters that are not sharded."""
+    for param, entries in optimizer.state.items():
+        for key, value in entries.items():
+            if key != "step" and torch.is_tensor(value) and value.shape == local(param).shape:
+                entries[key] = like(value, param)
 
 
 def member_grad_norm(grads: list[torch.Tensor], layout: MemberLayout) -> torch.Tensor:

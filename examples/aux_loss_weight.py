@@ -21,7 +21,7 @@ Runs in a few minutes on 2 CPU cores; `--max_steps 12 --round_steps 6` for a smo
 import argparse
 
 import torch
-from quickstart import byte_data, byte_gpt2
+from quickstart import byte_data, byte_gpt2, save_and_print_schedule
 
 from clantune_hf import ClanConfig, ClanTrainer
 
@@ -69,19 +69,7 @@ def main():
     )
     trainer = ZLossTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals)
     trainer.train()
-    trainer.save_model(args.output_dir)
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
-
-    if trainer.is_world_process_zero():
-        print("\nDiscovered schedule of the z-loss weight and the micro-batches per step:")
-        for segment in trainer.clan_schedule["segments"]:
-            genes = segment["genes"]
-            print(
-                f"steps {segment['start_step']}-{segment['end_step']}: z_loss_weight {genes['z_loss_weight']:.3g}, "
-                f"gradient_accumulation_steps {genes['gradient_accumulation_steps']:.0f}, "
-                f"learning_rate {genes['learning_rate']:.3g}"
-            )
+    save_and_print_schedule(trainer)  # the z-loss weight and the micro-batches per step among the genes
 
 
 if __name__ == "__main__":

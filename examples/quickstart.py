@@ -92,7 +92,13 @@ def main():
     )
     trainer = ClanTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals)
     trainer.train()
-    trainer.save_model(args.output_dir)
+    save_and_print_schedule(trainer)
+
+
+def save_and_print_schedule(trainer: ClanTrainer) -> None:
+    """Save the best member to `output_dir`, leave the process group, and print the discovered schedule."""
+    output_dir = trainer.args.output_dir
+    trainer.save_model(output_dir)
     # Leave the process group together: a rank exiting while another still saves can abort it.
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
@@ -107,7 +113,7 @@ def main():
         for segment in schedule["segments"]:
             values = " | ".join(f"{segment['genes'][g]:.3g}" for g in genes)
             print(f"| {segment['start_step']}-{segment['end_step']} | {values} |")
-        print(f"\nBest member saved to {args.output_dir}; history in {args.output_dir}/clan_history.jsonl")
+        print(f"\nBest member saved to {output_dir}; history in {output_dir}/clan_history.jsonl")
 
 
 if __name__ == "__main__":
