@@ -129,6 +129,11 @@ class ClanTrainer(Trainer):
             raise ValueError("`eval_dataset` must be one dataset, not a dict: the clan ranks members on one set.")
         if hasattr(eval_dataset, "__len__") and len(eval_dataset) == 0:
             raise ValueError("`eval_dataset` is empty: pass at least one sample to rank the members on.")
+        if model_init is not None and args.ranks_per_member > 1:
+            raise ValueError(
+                "`model_init` is not supported with `ranks_per_member > 1`: the clan shards the model once, at "
+                "init. Pass `model` instead."
+            )
         metric = args.metric_for_best_model
         if metric is not None and metric.removeprefix("eval_") != "loss" and compute_metrics is None:
             raise ValueError(
@@ -184,11 +189,6 @@ class ClanTrainer(Trainer):
         self.layout = member_layout(args.ranks_per_member, self.args.device)
         self._sharing = True  # sharded members: whether gradient shards are averaged across members now
         if self.layout.sharded:
-            if model_init is not None:
-                raise ValueError(
-                    "`model_init` is not supported with `ranks_per_member > 1`: the clan shards the model once, at "
-                    "init. Pass `model` instead."
-                )
             shard_member(self.model, self.layout, sharing=lambda: self._sharing)
             # The Trainer's path for a model that owns its sharding and gradient reduction: no DDP wrap.
             self.is_distributed_loading_by_transformers = True

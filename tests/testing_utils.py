@@ -99,6 +99,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _then_wait_for_all(function, *args) -> None:
+    """Run `function(*args)`, then wait for every rank: a rank that returns (or exits) while a peer is still
+    connecting a process group it belongs to would otherwise break that peer's connection."""
+    import torch.distributed as dist
+
+    function(*args)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def run_clan(function, num_processes: int, *args, timeout: float = 300) -> None:
     """Run `function(*args)` on `num_processes` CPU ranks, like `accelerate.debug_launcher` but on a free port so
     several test sessions can run side by side. A failing rank fails the call (the others are terminated); a clan
@@ -123,7 +133,11 @@ def run_clan(function, num_processes: int, *args, timeout: float = 300) -> None:
         ),
     ):
         context = start_processes(
-            PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, join=False, start_method="fork"
+            PrepareForLaunch(_then_wait_for_all, debug=True),
+            args=(function, *args),
+            nprocs=num_processes,
+            join=False,
+            start_method="fork",
         )
         deadline = time.monotonic() + timeout
         while not context.join(timeout=1):
