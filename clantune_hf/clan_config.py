@@ -173,6 +173,27 @@ class ClanConfig(TrainingArguments):
             "the scheduler's shape, in [0, 1]; 0 keeps the shape as is."
         },
     )
+    solo_radius: float = field(
+        default=1.0,
+        metadata={
+            "help": "While cooperating, members whose optimizer genes lie farther than this fraction of a gene's "
+            "bounds from the clan median train alone on their own gradient, in (0, 1]; 1 lets every member share."
+        },
+    )
+    pull_to_best: float = field(
+        default=0.0,
+        metadata={
+            "help": "At each selection, every member that is not replaced moves its weights this fraction of the "
+            "way to the best member's, in [0, 1]; 0 leaves them as they are."
+        },
+    )
+    window_cooldown: bool = field(
+        default=False,
+        metadata={
+            "help": "Decay every learning rate linearly toward 0 over each round's competitive window, so members "
+            "are ranked as a cooldown would leave them; the next round starts at the full rate again."
+        },
+    )
     fitness_eval_samples: int | None = field(
         default=None,
         metadata={"help": "Evaluate fitness on the first this many samples of eval_dataset (default: all of it)."},
@@ -252,6 +273,8 @@ class ClanConfig(TrainingArguments):
             "resample_probability",
             "fitness_average_window",
             "cooldown_fraction",
+            "pull_to_best",
+            "solo_radius",
         )
         for name in fractions:
             value = getattr(self, name)
@@ -273,14 +296,17 @@ class ClanConfig(TrainingArguments):
             )
         if not 0.0 < self.selection_fraction <= 0.5:
             raise ValueError(f"`selection_fraction` must be in (0, 0.5], got {self.selection_fraction}.")
-        for name in ("resample_probability", "fitness_average_window", "cooldown_fraction"):
+        for name in ("resample_probability", "fitness_average_window", "cooldown_fraction", "pull_to_best"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
-        if not 0.0 < self.initial_spread_width <= 1.0:
-            raise ValueError(f"`initial_spread_width` must be in (0, 1], got {self.initial_spread_width}.")
+        for name in ("initial_spread_width", "solo_radius"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
         for name, choices in (("initial_spread", SPREADS), ("step_size_control", STEP_SIZE_CONTROLS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
+        if not isinstance(self.window_cooldown, bool):
+            raise ValueError(f"`window_cooldown` must be True or False, got {self.window_cooldown!r}.")
         if not isinstance(self.mirrored_clones, bool):
             raise ValueError(f"`mirrored_clones` must be True or False, got {self.mirrored_clones!r}.")
         if self.fitness_eval_samples is not None and self.fitness_eval_samples < 1:

@@ -62,6 +62,7 @@ from .genetics import (
     rank_members,
     reproduce,
     selection_plan,
+    soloists,
 )
 from .history import (
     build_schedule,
@@ -72,7 +73,7 @@ from .history import (
     write_history,
     write_schedule,
 )
-from .members import local, member_grad_norm, member_layout, shard_member
+from .members import Sharing, local, member_grad_norm, member_layout, shard_member
 from .model_card import model_card_body
 
 logger = logging.get_logger(__name__)
@@ -187,9 +188,10 @@ class ClanTrainer(Trainer):
 
         # Every rank checks the layout before any compute; a sharded member is FSDP2-sharded here, once.
         self.layout = member_layout(args.ranks_per_member, self.args.device)
-        self._sharing = True  # sharded members: whether gradient shards are averaged across members now
+        # How this step shares gradients across members; the all-reduce hooks read it.
+        self._sharing = Sharing(sharers=self.clan_size)
         if self.layout.sharded:
-            shard_member(self.model, self.layout, sharing=lambda: self._sharing)
+            shard_member(self.model, self.layout, self._sharing)
             # The Trainer's path for a model that owns its sharding and gradient reduction: no DDP wrap.
             self.is_distributed_loading_by_transformers = True
         self.fitness_metric = None if metric is None or metric.removeprefix("eval_") == "loss" else metric
@@ -255,9 +257,12 @@ class ClanTrainer(Trainer):
             genome[name] = build_gene(name, value, options)
         return genome
 
+    @property
+    def _cooperative_steps(self) -> int:
+        return round(self.args.round_steps * (1 - self.args.duty_cycle))
+
     def _is_competitive(self, step: int) -> bool:
-        cooperative_steps = round(self.args.round_steps * (1 - self.args.duty_cycle))
-        return step % self.args.round_steps >= cooperative_steps
+        return step % self.args.round_steps >= self._cooperative_steps
 
     def _express(self, competitive: bool) -> None:
         """Make this member's model, optimizer and loss follow its genome; specialized genes take the consensus
@@ -274,12 +279,15 @@ class ClanTrainer(Trainer):
         express(self, values, self._schedule_base_lrs, self._decay_groups, self._custom)
         self._expressed = values
         self._expressed_phase = competitive
+        solo = set() if competitive or self.args.solo_radius >= 1 else soloists(self.genomes, self.args.solo_radius)
+        self._sharing.alone, self._sharing.sharers = self.member in solo, self.clan_size - len(solo)
 
     # ---- Trainer hooks ----
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        with_cooldown(scheduler, self.args.cooldown_fraction, num_training_steps)
+        window = (self.args.round_steps, self._cooperative_steps) if self.args.window_cooldown else None
+        with_cooldown(scheduler, self.args.cooldown_fraction, num_training_steps, window)
         # The user's schedule, before any gene (or a resumed checkpoint) scales it.
         self._schedule_base_lrs = list(getattr(scheduler, "base_lrs", []))
         return scheduler
@@ -288,7 +296,7 @@ class ClanTrainer(Trainer):
         """Called once per optimizer step, before any forward: switch phase, and in competitive steps share data."""
         self._competitive = self._is_competitive(self.state.global_step)
         self._express(self._competitive)
-        self._sharing = not self._competitive
+        self._sharing.active, self._sharing.shared_finite = not self._competitive, True
         count, fetch = self._accumulation(num_batches)
         batches = list(itertools.islice(epoch_iterator, fetch))
         if self._competitive:
@@ -354,13 +362,18 @@ class ClanTrainer(Trainer):
         if self.layout.sharded:
             if not isinstance(model, FSDPModule):
                 raise ValueError(f"ClanTrainer expects its FSDP2-sharded member, got {type(model).__name__}.")
-        elif not isinstance(model, DistributedDataParallel):
-            raise ValueError(f"ClanTrainer expects a DistributedDataParallel model, got {type(model).__name__}.")
-        # Each member's buffers (e.g. batch-norm statistics) are its own: DDP must not copy rank 0's at each forward.
-        elif hasattr(model, "forward_sync_buffers"):
-            model.forward_sync_buffers = False
-        else:  # torch < 2.13
-            model.broadcast_buffers = False
+        else:
+            if not isinstance(model, DistributedDataParallel):
+                raise ValueError(f"ClanTrainer expects a DistributedDataParallel model, got {type(model).__name__}.")
+            # Each member's buffers (e.g. batch-norm statistics) are its own: DDP must not copy rank 0's each forward.
+            if hasattr(model, "forward_sync_buffers"):
+                model.forward_sync_buffers = False
+            else:  # torch < 2.13
+                model.broadcast_buffers = False
+            if self.args.solo_radius < 1 and not getattr(model, "_clan_hook", False):
+                # A soloist keeps its own gradient: DDP's all-reduce follows the clan's rule (Sharing.share).
+                model.register_comm_hook(self._sharing, _share_bucket)
+                model._clan_hook = True
         # Gradients are all-reduced once a step, at the last micro-batch of the last slot, and only when cooperating.
         count = len(self._step_inputs[0])
         step = super().training_step
@@ -368,6 +381,15 @@ class ClanTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._check_gradients(model)
         return loss
+
+    def _soloist_saw_finite(self) -> bool:
+        """Whether the sharers' mean came out finite, as this soloist saw it (all its shards agreeing)."""
+        seen = self._sharing.shared_finite
+        if self.layout.sharded:
+            flag = torch.tensor([float(seen)], device=comm_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.member_group)  # its own ranks only
+            seen = bool(flag.item())
+        return seen
 
     def _check_gradients(self, model: nn.Module) -> None:
         """After the last backward of a step: a member with a non-finite gradient skips its update and ranks last.
@@ -379,13 +401,19 @@ class ClanTrainer(Trainer):
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
         self._grad_norm = member_grad_norm([p.grad for p in params], self.layout) if params else None
-        if self._grad_norm is None or torch.isfinite(self._grad_norm):
+        finite = self._grad_norm is None or bool(torch.isfinite(self._grad_norm))
+        # Every rank knows whether the shared gradient is finite: a sharer holds it, a soloist checked it.
+        alone = self._sharing.alone
+        shared_finite = self._competitive or (self._soloist_saw_finite() if alone else finite)
+        if finite and shared_finite:
             return
-        if not self._competitive:
-            self._recompute_own_gradients(model)
+        if not shared_finite:
+            if not alone:
+                self._recompute_own_gradients(model)
             self._grad_norm = None
             # A collective: every rank is here, the sum is theirs too.
-            if average_finite_gradients(params, self.layout.member_group, self.layout.peer_group):
+            group, peers = self.layout.member_group, self.layout.peer_group
+            if average_finite_gradients(params, group, peers, share=not alone):
                 return
         for param in self.model.parameters():
             param.grad = None  # the optimizer skips parameters without a gradient: no update, no moment decay
@@ -401,13 +429,13 @@ class ClanTrainer(Trainer):
         the gradient it contributed, as it was before the all-reduce."""
         batches, num_items, rng = self._step_inputs
         self.model.zero_grad(set_to_none=True)
-        self._sharing = False  # a sharded member's shards are not averaged across members (DDP: no_sync)
+        self._sharing.active = False  # a sharded member's shards are not shared across members (DDP: no_sync)
         try:
             with _rng_restored(rng), self.accelerator.no_sync(model):
                 for inputs in batches:
                     super().training_step(model, inputs, num_items)
         finally:
-            self._sharing = True
+            self._sharing.active = True
 
     def _defer_fsdp_gradient_reduction(self):
         # The Trainer's loop wraps a step's micro-batches but the last in this (sharded members). Each micro-batch's
@@ -555,6 +583,12 @@ class ClanTrainer(Trainer):
                 send_member(self.model, self.optimizer, self.layout.rank_of(dst))
             elif self.member == dst:
                 recv_member(self.model, self.optimizer, self.layout.rank_of(src))
+        if self.args.pull_to_best:
+            # The members that stay move part of the way to the best one's weights, so that their weights (and
+            # the gradients they share) stay close.
+            best = rank_members(fitness, self.greater_is_better)[0]
+            weight = 0.0 if self.member == best or self.member in plan else self.args.pull_to_best
+            broadcast_weights(self.model, self.layout.rank_of(best), self.layout.peer_group, weight)
         self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)
         self._expressed_phase = None
         self._diverged = False
@@ -579,6 +613,9 @@ class ClanTrainer(Trainer):
                 "lr_scheduler_type": str(self.args.lr_scheduler_type.value),
                 "warmup_steps": self.args.get_warmup_steps(self.state.max_steps),
                 "cooldown_fraction": self.args.cooldown_fraction,
+                "window_cooldown": (
+                    [self.args.round_steps, self._cooperative_steps] if self.args.window_cooldown else None
+                ),
                 "genes": genome_values(self.base_genome),
                 # A replay applies the user's own genes itself when their expression is an attribute path.
                 "expressions": {
@@ -743,6 +780,11 @@ class ClanTrainer(Trainer):
         body = model_card_body(self, card_data.model_name, finetuned_from, is_peft)
         os.makedirs(output_dir, exist_ok=True)
         ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
+
+
+def _share_bucket(sharing: Sharing, bucket):  # no annotations: DDP compares them to its own types, not strings
+    """DDP's communication hook (`bucket` is a `dist.GradBucket`): the clan's rule, `Sharing.share`."""
+    return sharing.share(bucket.buffer())
 
 
 def _rng_state() -> dict:

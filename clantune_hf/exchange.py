@@ -172,15 +172,20 @@ def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) ->
     shard_optimizer_state(optimizer)
 
 
-def broadcast_weights(model: nn.Module, src: int, group: dist.ProcessGroup | None = None) -> None:
-    """Every rank of `group` takes rank `src`'s trainable weights and buffers (not its optimizer state)."""
+def broadcast_weights(model: nn.Module, src: int, group: dist.ProcessGroup | None = None, weight: float = 1.0) -> None:
+    """Every rank of `group` takes rank `src`'s trainable weights and buffers (not its optimizer state). With
+    `weight` < 1 a rank moves its floating-point tensors that fraction of the way to `src`'s instead (each rank passes
+    its own; 0 keeps its weights)."""
     tensors = [local(t) for _, t in member_tensors(model)]
     with torch.no_grad():
         for indices in _flat_groups(_shapes(tensors)).values():
             flat = _pack(tensors, indices)
             dist.broadcast(flat, src, group=group)
             for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices]), strict=True):
-                tensors[i].copy_(chunk.view_as(tensors[i]))
+                if weight == 1.0 or not tensors[i].is_floating_point():
+                    tensors[i].copy_(chunk.view_as(tensors[i]))
+                elif weight:
+                    tensors[i].lerp_(chunk.view_as(tensors[i]), weight)
 
 
 def gather_weights(model: nn.Module, src: int, layout: MemberLayout) -> dict[str, torch.Tensor] | None:
@@ -263,13 +268,15 @@ def average_finite_gradients(
     params: list[nn.Parameter],
     member_group: dist.ProcessGroup | None = None,
     peer_group: dist.ProcessGroup | None = None,
+    share: bool = True,
 ) -> bool:
     """Average the gradients in `params` over the members whose gradients are all finite; clear them on the others.
 
     Called by every rank, each holding its member's own gradient (None counts as zeros), when the clan's shared
     gradient came out non-finite. A sharded member is finite when all its shards are (agreed over `member_group`);
     members average shard by shard over `peer_group`. A non-finite member contributes zeros and ends with no
-    gradients, so it skips its update; the others end with the mean of the healthy members' gradients. Returns
+    gradients, so it skips its update; the others end with the mean of the healthy members' gradients. A member
+    that does not `share` (it trains alone) contributes zeros too and keeps its own gradient if finite. Returns
     whether this member was finite.
     """
     for param in params:
@@ -280,16 +287,19 @@ def average_finite_gradients(
     if member_group is not None:
         dist.all_reduce(healthy, op=dist.ReduceOp.MIN, group=member_group)
     finite = bool(healthy.item())
+    contributes = finite and share
+    healthy.fill_(float(contributes))
     dist.all_reduce(healthy, group=peer_group)
-    count = healthy.item()  # at least 1 on a finite member
+    count = healthy.item()  # at least 1 on a member that contributes
     with torch.no_grad():
         for indices in _flat_groups(_shapes(grads)).values():
             flat = _pack(grads, indices)
-            if not finite:
+            if not contributes:
                 flat.zero_()
             dist.all_reduce(flat, group=peer_group)
-            for i, chunk in zip(indices, flat.split([grads[i].numel() for i in indices]), strict=True):
-                grads[i].copy_(chunk.view_as(grads[i]).div_(count))
+            if share:
+                for i, chunk in zip(indices, flat.split([grads[i].numel() for i in indices]), strict=True):
+                    grads[i].copy_(chunk.view_as(grads[i]).div_(count))
     if not finite:
         for param in params:
             param.grad = None

@@ -30,7 +30,7 @@ import statistics
 import zlib
 from dataclasses import dataclass
 
-from .genes import Gene
+from .genes import OPTIMIZER, Gene
 
 Genome = dict[str, Gene]
 
@@ -144,6 +144,26 @@ def consensus(genomes: list[Genome], name: str) -> float:
     if gene.integer:
         value = min(max(float(round(value)), gene.low), gene.high)
     return value
+
+
+def soloists(genomes: list[Genome], radius: float) -> set[int]:
+    """The members that train alone while the clan cooperates: those whose optimizer genes lie more than `radius` of
+    a gene's bounds (in scale space) from the clan's median, at most the farthest (P - 1) // 2 of them.
+
+    A member whose learning rate is far from the others' moves its weights at another pace, so the gradients the
+    others take at their weights point it the wrong way (and its own, the others). Such a member neither adds to
+    nor applies the shared gradient; the rest share among themselves.
+    """
+    distance = [0.0] * len(genomes)
+    for name, gene in genomes[0].items():
+        if gene.kind != OPTIMIZER:
+            continue
+        points = [genome[name].to_space(genome[name].value) for genome in genomes]
+        median = statistics.median(points)
+        for member, y in enumerate(points):
+            distance[member] = max(distance[member], abs(y - median) / gene.width)
+    far = sorted((m for m in range(len(genomes)) if distance[m] > radius), key=lambda m: (-distance[m], m))
+    return set(far[: (len(genomes) - 1) // 2])
 
 
 def _badness(value: float, greater_is_better: bool) -> float:

@@ -15,7 +15,6 @@ member holds the same slice of every tensor (the *peer group* `j`, along the mes
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +78,36 @@ def member_layout(ranks_per_member: int, device: torch.device) -> MemberLayout:
     return layout
 
 
-def shard_member(model: nn.Module, layout: MemberLayout, sharing: Callable[[], bool]) -> None:
-    """Shard `model` in place over its member's ranks with FSDP2; while `sharing()` is true, each gradient shard is
-    averaged across members as soon as it is reduce-scattered.
+@dataclass
+class Sharing:
+    """How members share gradients in the current step: set by the trainer, read by the all-reduce hooks."""
+
+    active: bool = True  # cooperating: gradients are shared
+    sharers: int = 1  # how many members average theirs
+    alone: bool = False  # this member trains alone (see `solo_radius`): it adds zeros and keeps its own gradient
+    shared_finite: bool = True  # a soloist's view of whether the sharers' mean came out finite in this step
+
+    def share(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.futures.Future:
+        """All-reduce `tensor` (a gradient bucket, or a member's gradient shard) in place across members. The
+        future's result is the sharers' mean, or for a soloist its own gradient again."""
+        own = tensor.clone() if self.alone else None
+        if own is not None:
+            tensor.zero_()
+        else:
+            tensor.div_(self.sharers)
+
+        def result(future: torch.futures.Future) -> torch.Tensor:
+            if own is None:
+                return future.value()[0]
+            self.shared_finite = self.shared_finite and bool(torch.isfinite(future.value()[0]).all())
+            return own
+
+        return dist.all_reduce(tensor, group=group, async_op=True).get_future().then(result)
+
+
+def shard_member(model: nn.Module, layout: MemberLayout, sharing: Sharing) -> None:
+    """Shard `model` in place over its member's ranks with FSDP2; while `sharing` is active, each gradient shard is
+    shared across members (see `Sharing.share`) as soon as it is reduce-scattered.
 
     Every rank first takes rank 0's weights, so that the members start equal, as DDP makes them, and the shards of
     one member come from one model. Each block the model names in `_no_split_modules` (its transformer layers) is
@@ -101,9 +127,10 @@ def shard_member(model: nn.Module, layout: MemberLayout, sharing: Callable[[], b
 
     def average_across_members(reduce_output: torch.Tensor) -> None:
         # Linear, so sharing every micro-batch's shard shares their sum: no deferral needed under accumulation.
-        if sharing():
-            dist.all_reduce(reduce_output, group=layout.peer_group)
-            reduce_output.div_(layout.clan_size)
+        if sharing.active:
+            shared = sharing.share(reduce_output, layout.peer_group).wait()
+            if shared is not reduce_output:
+                reduce_output.copy_(shared)
 
     for module in model.modules():
         if isinstance(module, FSDPModule):

@@ -6,6 +6,7 @@ rank 0 drew, the source member's state before it was cloned.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
@@ -72,10 +73,11 @@ class RecordingTrainer(ClanTrainer):
         loss = self.compute_loss(self.model, dict(inputs), num_items_in_batch=num_items_in_batch)
         local = torch.autograd.grad(loss, params, allow_unused=True)
         local = [torch.zeros_like(p) if g is None else g for g, p in zip(local, params, strict=True)]
-        reduced = [g.clone() for g in local]
+        # What the clan shares: every member's gradient, or with soloists (solo_radius) the sharers' alone.
+        reduced = [torch.zeros_like(g) if self._sharing.alone else g.clone() for g in local]
         for g in reduced:
             dist.all_reduce(g)
-            g.div_(self.clan_size)
+            g.div_(self._sharing.sharers)
         torch.set_rng_state(rng)
         out = super().training_step(model, inputs, num_items_in_batch)
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -92,6 +94,7 @@ class RecordingTrainer(ClanTrainer):
                     torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, local, strict=True)
                 ),
                 "lr": [g["lr"] for g in self.optimizer.param_groups],
+                "alone": self._sharing.alone,
             }
         )
         return out
@@ -125,6 +128,33 @@ def check_cooperative(output_dir):
         assert math.isclose(s["lr"][0], expected, rel_tol=1e-9), (s, expected)
     ends = gather(weights["end"])
     assert len(set(ends)) == trainer.clan_size, "shared gradients, different lr: the weights must differ"
+
+
+def make_soloist(trainer: ClanTrainer, far: int | None = None) -> int:
+    """Put member `far`'s (default: the last one's) learning rate on its high bound, far from the others' (which
+    start near the configured one): with `solo_radius` it trains alone while the clan cooperates. Returns it."""
+    far = trainer.clan_size - 1 if far is None else far
+    gene = trainer.genomes[far]["learning_rate"]
+    trainer.genomes[far]["learning_rate"] = dataclasses.replace(gene, value=gene.high)
+    return far
+
+
+def check_soloist(output_dir):
+    """With `solo_radius`, a member whose learning rate is far from the clan's trains on its own gradient while
+    the clan cooperates, and the others share the mean of theirs alone."""
+    trainer = make_trainer(
+        output_dir, RecordingTrainer, duty_cycle=0.0, round_steps=3, max_steps=3, initial_spread="local",
+        genes=["learning_rate"], solo_radius=0.25,
+    )  # fmt: skip
+    far = make_soloist(trainer)
+    trainer.steps = []
+    trainer.train()
+    assert trainer.steps and all(s["alone"] == (trainer.member == far) for s in trainer.steps), trainer.steps
+    if trainer.member == far:
+        assert all(s["equals_local"] for s in trainer.steps), "the soloist applies its own gradient"
+    else:
+        assert all(s["equals_reduced"] for s in trainer.steps), "the others share the mean of theirs"
+        assert not any(s["equals_local"] for s in trainer.steps)
 
 
 def check_competitive(output_dir):
@@ -174,21 +204,30 @@ class _StopAfterRound(Exception):
     pass
 
 
-def check_clone(output_dir):
+def check_clone(output_dir, pull_to_best=0.0):
     """A clone's weights, buffers and Adam state equal its source's bit for bit; its genome is the source's,
-    mutated; members not in the plan keep everything."""
-    trainer = make_trainer(output_dir, CloneRecordingTrainer, round_steps=3, max_steps=9, duty_cycle=0.34)
+    mutated; members not in the plan keep everything, or with `pull_to_best` move their weights (not their
+    optimizer state) that fraction of the way to the best member's."""
+    trainer = make_trainer(
+        output_dir, CloneRecordingTrainer, round_steps=3, max_steps=9, duty_cycle=0.34, pull_to_best=pull_to_best
+    )
     try:
         trainer.train()
     except _StopAfterRound:
         pass
     plan = {r["member"]: r["parent"] for r in trainer.clan_history if r["parent"] is not None}
     assert plan, "a selection must replace someone"
+    fitness = [r["fitness"] for r in trainer.clan_history]
+    best = fitness.index(min(fitness))
     befores, afters = gather(trainer.before), gather(trainer.after)
     for dst in range(trainer.clan_size):
         src = plan.get(dst, dst)
         assert set(afters[dst]) == set(befores[src])
+        pulled = pull_to_best and dst not in plan and dst != best
         for key, value in befores[src].items():
+            if pulled and key.startswith("model.") and value.is_floating_point():
+                value = value.lerp(befores[best][key], pull_to_best)
+                assert not torch.equal(value, befores[dst][key]), f"member {dst} was not pulled at {key}"
             assert torch.equal(afters[dst][key], value), f"member {dst} differs from source {src} at {key}"
             assert afters[dst][key].dtype == value.dtype
         steps = [k for k in afters[dst] if k.endswith(".step")]

@@ -11,7 +11,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from clan_checks import digest, gather
+from clan_checks import digest, gather, make_soloist
 from testing_utils import PatternDataset, tiny_gpt2
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -93,12 +93,17 @@ class GradientRecordingTrainer(ClanTrainer):
         loss = sum(self.compute_loss(self.reference, self._prepare_inputs(dict(b)), num_items_in_batch=num_items)
                    for b in batches)  # fmt: skip
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
-        own = self._competitive or self.state.global_step == self.nan_step
-        group = self.layout.member_group if own else None
-        size = self.layout.ranks_per_member if own else dist.get_world_size()
+        # Shared: the mean over the sharers' ranks (a soloist adds zeros); own: the mean over the member's ranks.
+        alone, k = self._sharing.alone, self.layout.ranks_per_member
+        shared = {n: torch.zeros_like(g) if alone else g.clone() for n, g in grads.items()}
+        for grad in shared.values():
+            dist.all_reduce(grad)
+            grad.div_(self._sharing.sharers * k)
         for grad in grads.values():
-            dist.all_reduce(grad, group=group)
-            grad.div_(size)
+            dist.all_reduce(grad, group=self.layout.member_group)
+            grad.div_(k)
+        if not (self._competitive or self.state.global_step == self.nan_step or alone):
+            grads = shared
         super()._check_gradients(model)
         actual = {n: p.grad.full_tensor() for n, p in self.model.named_parameters() if p.grad is not None}
         self.steps.append(
@@ -107,6 +112,7 @@ class GradientRecordingTrainer(ClanTrainer):
                 "competitive": self._competitive,
                 "batch": digest(b["input_ids"] for b in batches),
                 "skipped": not actual,
+                "alone": alone,
                 "equal": set(actual) == set(grads)
                 and all(torch.allclose(actual[n], grads[n], rtol=1e-4, atol=1e-6) for n in actual),
             }
@@ -143,6 +149,20 @@ def check_gradients_and_data(output_dir, accumulation: bool = False):
             assert seen[0] == seen[2] and seen[1] == seen[3] and seen[0] != seen[1], seen
         else:
             assert len(set(seen)) == 4, "cooperative steps: every rank its own shard of the data"
+
+
+def check_soloist(output_dir):
+    """3 members of 2 ranks, the last one's learning rate far from the others' (`solo_radius`): while the clan
+    cooperates it trains on its own gradient, and the other two share the mean of theirs."""
+    trainer = make_trainer(
+        output_dir, GradientRecordingTrainer, duty_cycle=0.0, round_steps=3, max_steps=3, initial_spread="local",
+        genes=["learning_rate"], solo_radius=0.25,
+    )  # fmt: skip
+    trainer.plain, trainer.steps = tiny_gpt2(dropout=0.0), []
+    far = make_soloist(trainer)
+    trainer.train()
+    assert trainer.steps and all(s["alone"] == (trainer.member == far) for s in trainer.steps), trainer.steps
+    assert all(s["equal"] for s in trainer.steps), [(s["step"], s["equal"]) for s in trainer.steps]
 
 
 def check_nan_member(output_dir):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import clan_checks
 import pytest
 import torch
 import torch.distributed as dist
@@ -75,12 +76,12 @@ class CheckedTrainer(FaultyTrainer):
         loss = self.compute_loss(self.model, dict(inputs), num_items_in_batch=num_items_in_batch)
         local = torch.autograd.grad(loss, params, allow_unused=True)
         local = flat(local, params)
-        healthy = bool(torch.isfinite(local).all())
-        shared = torch.where(torch.tensor(healthy), local, torch.zeros_like(local))
-        count = torch.tensor([float(healthy)])
+        shares = bool(torch.isfinite(local).all()) and not self._sharing.alone  # a soloist keeps its own
+        shared = torch.where(torch.tensor(shares), local, torch.zeros_like(local))
+        count = torch.tensor([float(shares)])
         dist.all_reduce(shared)
         dist.all_reduce(count)
-        reference = local if self._competitive else shared / count
+        reference = local if self._competitive or self._sharing.alone else shared / count
         out = super().training_step(model, inputs, num_items_in_batch)
         grads = [p.grad for p in params]
         if all(g is None for g in grads):
@@ -93,11 +94,16 @@ class CheckedTrainer(FaultyTrainer):
         return out
 
 
-def check_diverging_member(output_dir, fault_steps, competitive):
+def check_diverging_member(output_dir, fault_steps, competitive, soloist=None):
+    """Member 2's loss turns NaN at `fault_steps`. With `soloist`, that member trains alone (solo_radius) in the
+    first round while the others cooperate."""
     # Rounds end at steps 4 and 8 with a selection; step 12 is the final evaluation.
+    solo = {} if soloist is None else dict(solo_radius=0.25, initial_spread="local", genes=["learning_rate"])
     trainer = make_trainer(
-        output_dir, CheckedTrainer, fault_member=2, fault_steps=fault_steps, duty_cycle=0.5, max_steps=12
+        output_dir, CheckedTrainer, fault_member=2, fault_steps=fault_steps, duty_cycle=0.5, max_steps=12, **solo
     )
+    if soloist is not None:
+        clan_checks.make_soloist(trainer, soloist)
     trainer.steps = []
     trainer.train()
 
@@ -164,6 +170,11 @@ def test_a_non_finite_contribution_is_seen_by_every_rank_and_averaged_out(tmp_pa
 def test_nan_loss_in_cooperative_steps_is_kept_out_of_the_shared_gradient(tmp_path):
     # Steps 4-5 of round 1 are cooperative (4 steps a round, the last 2 competitive).
     run_clan(check_diverging_member, 4, str(tmp_path), (4, 5), False)
+
+
+@pytest.mark.parametrize("soloist", [2, 3], ids=["the_soloist", "a_sharer_beside_a_soloist"])
+def test_nan_loss_of_a_member_with_a_soloist_in_the_clan(tmp_path, soloist):
+    run_clan(check_diverging_member, 4, str(tmp_path), (0, 1), False, soloist)
 
 
 def test_nan_loss_in_competitive_steps_skips_only_that_member(tmp_path):

@@ -13,6 +13,10 @@ def test_gradients_follow_the_phase_and_data_is_shared_per_shard(tmp_path, accum
     run_clan(sharded_checks.check_gradients_and_data, 4, str(tmp_path), accumulation)
 
 
+def test_a_far_off_member_trains_alone_on_its_own_shards(tmp_path):
+    run_clan(sharded_checks.check_soloist, 6, str(tmp_path))
+
+
 def test_a_nan_member_skips_its_update_and_is_replaced(tmp_path):
     run_clan(sharded_checks.check_nan_member, 4, str(tmp_path))
 
