@@ -116,12 +116,14 @@ VARIANTS: dict[str, dict] = {
     "no_success_rule": {"step_size_control": "self_adaptive"},
     "no_resample": {"resample_probability": 0.0},
     "no_mirroring": {"mirrored_clones": False},
+    "no_solo": {"solo_radius": 1.0},
     "averaging": {"fitness_average_window": 0.5},
     "none": {
         "initial_spread": "local",
         "step_size_control": "self_adaptive",
         "resample_probability": 0.0,
         "mirrored_clones": False,
+        "solo_radius": 1.0,
     },  # fmt: skip
     # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a
     # longer competitive window.
@@ -132,11 +134,6 @@ VARIANTS: dict[str, dict] = {
     "duty_0.8": {"duty_cycle": 0.8},
     "cooldown": {"cooldown_fraction": 0.2},
     "spread_half": {"initial_spread_width": 0.5},
-    "window_cooldown": {"window_cooldown": True},
-    "wd_log": {"gene_options": {"weight_decay": {"scale": "log"}}},
-    "pull_0.5": {"pull_to_best": 0.5},
-    "pull_1.0": {"pull_to_best": 1.0},
-    "solo_0.25": {"solo_radius": 0.25},
     "solo_0.15": {"solo_radius": 0.15},
 }
 DEFAULT_SEEDS = {"full": "0", "quick": "0,1,2", "tiny": "0"}
@@ -516,14 +513,9 @@ def run_job(
     if method in ("clan", "pbt"):
         clan_fields = dict(
             round_steps=settings.round_steps, duty_cycle=1.0 if method == "pbt" else settings.duty_cycle,
+            genes=json.dumps(problem.genes) if isinstance(problem.genes, dict) else problem.genes,
         )  # fmt: skip
-        clan_overrides = dict(clan_overrides or {})
-        # A variant's `gene_options` are merged into the options of the problem's genes that it names.
-        genes = problem.genes if isinstance(problem.genes, dict) else {name: {} for name in problem.genes}
-        gene_options = clan_overrides.pop("gene_options", {})
-        genes = {name: {**options, **gene_options.get(name, {})} for name, options in genes.items()}
-        clan_fields["genes"] = json.dumps(genes)
-        clan_fields.update(clan_overrides)  # a variant may override any of them, the duty cycle too
+        clan_fields.update(clan_overrides or {})  # a variant may override any of them, the duty cycle too
         args = ClanConfig(**common, **fields, per_device_train_batch_size=settings.per_device_batch, **clan_fields)
         trainer = ClanTrainer(
             model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=problem.compute_metrics

@@ -32,6 +32,12 @@ class ClanConfig(TrainingArguments):
         duty_cycle (`float`, *optional*, defaults to `0.15`):
             Fraction of a round's steps that are competitive, in [0, 1]. `0.0` never competes (specialized genes are
             then never expressed individually); `1.0` never shares gradients (population based training).
+        solo_radius (`float`, *optional*, defaults to `0.25`):
+            While the clan cooperates, a member whose optimizer genes (its learning rate, say) lie farther than this
+            fraction of a gene's bounds, in scale space, from the clan's median trains alone: it adds nothing to the
+            shared gradient and applies its own. At most (N - 1) // 2 members, the farthest, train alone. A member
+            far from the others moves its weights at another pace, so the mean of gradients taken at the others'
+            weights would steer it (and its gradient them) the wrong way. In (0, 1]; `1.0` lets every member share.
 
         > Parameters that control the genome
 
@@ -112,6 +118,13 @@ class ClanConfig(TrainingArguments):
             "gradients."
         },
     )
+    solo_radius: float = field(
+        default=0.25,
+        metadata={
+            "help": "While cooperating, members whose optimizer genes lie farther than this fraction of a gene's "
+            "bounds from the clan median train alone on their own gradient, in (0, 1]; 1 lets every member share."
+        },
+    )
 
     # Parameters that control the genome
     genes: list[str] | None = field(
@@ -171,27 +184,6 @@ class ClanConfig(TrainingArguments):
         metadata={
             "help": "Fraction of the run, at its end, over which every learning rate decays linearly to 0 on top of "
             "the scheduler's shape, in [0, 1]; 0 keeps the shape as is."
-        },
-    )
-    solo_radius: float = field(
-        default=1.0,
-        metadata={
-            "help": "While cooperating, members whose optimizer genes lie farther than this fraction of a gene's "
-            "bounds from the clan median train alone on their own gradient, in (0, 1]; 1 lets every member share."
-        },
-    )
-    pull_to_best: float = field(
-        default=0.0,
-        metadata={
-            "help": "At each selection, every member that is not replaced moves its weights this fraction of the "
-            "way to the best member's, in [0, 1]; 0 leaves them as they are."
-        },
-    )
-    window_cooldown: bool = field(
-        default=False,
-        metadata={
-            "help": "Decay every learning rate linearly toward 0 over each round's competitive window, so members "
-            "are ranked as a cooldown would leave them; the next round starts at the full rate again."
         },
     )
     fitness_eval_samples: int | None = field(
@@ -273,7 +265,6 @@ class ClanConfig(TrainingArguments):
             "resample_probability",
             "fitness_average_window",
             "cooldown_fraction",
-            "pull_to_best",
             "solo_radius",
         )
         for name in fractions:
@@ -296,7 +287,7 @@ class ClanConfig(TrainingArguments):
             )
         if not 0.0 < self.selection_fraction <= 0.5:
             raise ValueError(f"`selection_fraction` must be in (0, 0.5], got {self.selection_fraction}.")
-        for name in ("resample_probability", "fitness_average_window", "cooldown_fraction", "pull_to_best"):
+        for name in ("resample_probability", "fitness_average_window", "cooldown_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
         for name in ("initial_spread_width", "solo_radius"):
@@ -305,8 +296,6 @@ class ClanConfig(TrainingArguments):
         for name, choices in (("initial_spread", SPREADS), ("step_size_control", STEP_SIZE_CONTROLS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
-        if not isinstance(self.window_cooldown, bool):
-            raise ValueError(f"`window_cooldown` must be True or False, got {self.window_cooldown!r}.")
         if not isinstance(self.mirrored_clones, bool):
             raise ValueError(f"`mirrored_clones` must be True or False, got {self.mirrored_clones!r}.")
         if self.fitness_eval_samples is not None and self.fitness_eval_samples < 1:

@@ -257,12 +257,9 @@ class ClanTrainer(Trainer):
             genome[name] = build_gene(name, value, options)
         return genome
 
-    @property
-    def _cooperative_steps(self) -> int:
-        return round(self.args.round_steps * (1 - self.args.duty_cycle))
-
     def _is_competitive(self, step: int) -> bool:
-        return step % self.args.round_steps >= self._cooperative_steps
+        cooperative_steps = round(self.args.round_steps * (1 - self.args.duty_cycle))
+        return step % self.args.round_steps >= cooperative_steps
 
     def _express(self, competitive: bool) -> None:
         """Make this member's model, optimizer and loss follow its genome; specialized genes take the consensus
@@ -286,8 +283,7 @@ class ClanTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        window = (self.args.round_steps, self._cooperative_steps) if self.args.window_cooldown else None
-        with_cooldown(scheduler, self.args.cooldown_fraction, num_training_steps, window)
+        with_cooldown(scheduler, self.args.cooldown_fraction, num_training_steps)
         # The user's schedule, before any gene (or a resumed checkpoint) scales it.
         self._schedule_base_lrs = list(getattr(scheduler, "base_lrs", []))
         return scheduler
@@ -315,7 +311,7 @@ class ClanTrainer(Trainer):
                         f"Member {self.member}: another rank ran short of data; {dropped} batch(es) dropped."
                     )
                     batches = batches[:agreed]
-            num_items = self._get_num_items_in_batch(batches, device)
+            num_items = self._shared_num_items(batches, device)
         # Kept so that the rare cooperative step whose shared gradient is non-finite can recompute each member's own.
         self._step_inputs = (batches, num_items, None if self._competitive else _rng_state())
         return to_slots(batches, num_batches), num_items
@@ -330,18 +326,37 @@ class ClanTrainer(Trainer):
             return count, count  # the clan's consensus
         return count, max(int(genome[ACCUMULATION].value) for genome in self.genomes)
 
+    def _local_num_items(self, batches: list[dict], device: torch.device) -> Any:
+        """The token count of this rank's micro-batches, not gathered across ranks (None if the model takes none)."""
+        gathered = self.args.average_tokens_across_devices
+        self.args.average_tokens_across_devices = False
+        try:
+            return self._get_num_items_in_batch(batches, device)
+        finally:
+            self.args.average_tokens_across_devices = gathered
+
+    def _shared_num_items(self, batches: list[dict], device: torch.device) -> Any:
+        """A cooperative step's token count: the Trainer's, gathered across ranks, unless some members train alone.
+        Then a sharer counts the sharers' tokens only (times members / sharers: the sharing hook divides by the
+        sharers, not by all), so it applies their per-token mean, and a soloist its own (see _own_num_items)."""
+        if self._sharing.sharers == self.clan_size or not self.args.average_tokens_across_devices:
+            return self._get_num_items_in_batch(batches, device)
+        count = self._local_num_items(batches, device)
+        if count is None:
+            return None
+        shared = torch.tensor(0.0 if self._sharing.alone else float(count), dtype=torch.float64, device=comm_device())
+        dist.all_reduce(shared)  # every rank: a soloist adds 0
+        if self._sharing.alone:
+            return self._own_num_items(batches, device)
+        return (shared * self.clan_size / self._sharing.sharers).to(device=device, dtype=torch.float32)
+
     def _own_num_items(self, batches: list[dict], device: torch.device) -> Any:
         """The token count of this member's own micro-batches (over its ranks), times the number of members: what
         the Trainer's count gathered across ranks would be if every member held them, so compute_loss's
         multiplication by the world size and the member's own gradient averaging leave its per-token mean. A
         collective only inside a sharded member: members may hold different numbers of micro-batches."""
-        gathered = self.args.average_tokens_across_devices
-        self.args.average_tokens_across_devices = False
-        try:
-            count = self._get_num_items_in_batch(batches, device)
-        finally:
-            self.args.average_tokens_across_devices = gathered
-        if not gathered or count is None:
+        count = self._local_num_items(batches, device)
+        if not self.args.average_tokens_across_devices or count is None:
             return count
         if self.layout.sharded:
             count = torch.as_tensor(count, device=comm_device())
@@ -583,12 +598,6 @@ class ClanTrainer(Trainer):
                 send_member(self.model, self.optimizer, self.layout.rank_of(dst))
             elif self.member == dst:
                 recv_member(self.model, self.optimizer, self.layout.rank_of(src))
-        if self.args.pull_to_best:
-            # The members that stay move part of the way to the best one's weights, so that their weights (and
-            # the gradients they share) stay close.
-            best = rank_members(fitness, self.greater_is_better)[0]
-            weight = 0.0 if self.member == best or self.member in plan else self.args.pull_to_best
-            broadcast_weights(self.model, self.layout.rank_of(best), self.layout.peer_group, weight)
         self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)
         self._expressed_phase = None
         self._diverged = False
@@ -613,9 +622,6 @@ class ClanTrainer(Trainer):
                 "lr_scheduler_type": str(self.args.lr_scheduler_type.value),
                 "warmup_steps": self.args.get_warmup_steps(self.state.max_steps),
                 "cooldown_fraction": self.args.cooldown_fraction,
-                "window_cooldown": (
-                    [self.args.round_steps, self._cooperative_steps] if self.args.window_cooldown else None
-                ),
                 "genes": genome_values(self.base_genome),
                 # A replay applies the user's own genes itself when their expression is an attribute path.
                 "expressions": {

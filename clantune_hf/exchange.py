@@ -172,20 +172,15 @@ def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) ->
     shard_optimizer_state(optimizer)
 
 
-def broadcast_weights(model: nn.Module, src: int, group: dist.ProcessGroup | None = None, weight: float = 1.0) -> None:
-    """Every rank of `group` takes rank `src`'s trainable weights and buffers (not its optimizer state). With
-    `weight` < 1 a rank moves its floating-point tensors that fraction of the way to `src`'s instead (each rank passes
-    its own; 0 keeps its weights)."""
+def broadcast_weights(model: nn.Module, src: int, group: dist.ProcessGroup | None = None) -> None:
+    """Every rank of `group` takes rank `src`'s trainable weights and buffers (not its optimizer state)."""
     tensors = [local(t) for _, t in member_tensors(model)]
     with torch.no_grad():
         for indices in _flat_groups(_shapes(tensors)).values():
             flat = _pack(tensors, indices)
             dist.broadcast(flat, src, group=group)
             for i, chunk in zip(indices, flat.split([tensors[i].numel() for i in indices]), strict=True):
-                if weight == 1.0 or not tensors[i].is_floating_point():
-                    tensors[i].copy_(chunk.view_as(tensors[i]))
-                elif weight:
-                    tensors[i].lerp_(chunk.view_as(tensors[i]), weight)
+                tensors[i].copy_(chunk.view_as(tensors[i]))
 
 
 def gather_weights(model: nn.Module, src: int, layout: MemberLayout) -> dict[str, torch.Tensor] | None:

@@ -126,34 +126,23 @@ def express(
             expression(trainer, values[name])
 
 
-def with_cooldown(scheduler, fraction: float, total_steps: int, window: tuple[int, int] | None = None) -> None:
-    """Multiply `scheduler`'s shape by a linear decay to 0 over the last `fraction` of `total_steps` (in place), and
-    with `window=(round_steps, cooperative_steps)` by a linear decay toward 0 over each round's competitive steps
-    (the next round starts at the full rate again).
+def with_cooldown(scheduler, fraction: float, total_steps: int) -> None:
+    """Multiply `scheduler`'s shape by a linear decay to 0 over the last `fraction` of `total_steps` (in place).
 
     Every scheduler `lr_scheduler_type` builds is a `LambdaLR`; its per-step factors are what is multiplied, so the
     learning-rate gene (which sets `base_lrs`) stays the level and the user's warmup stays the start.
     """
-    if not fraction and window is None:
+    if not fraction:
         return
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         raise ValueError(
-            f"`cooldown_fraction` and `window_cooldown` multiply a LambdaLR schedule, and {type(scheduler).__name__} "
-            "is not one; use an `lr_scheduler_type` such as 'constant', 'linear' or 'cosine', or switch them off."
+            f"`cooldown_fraction` multiplies a LambdaLR schedule, and {type(scheduler).__name__} is not one; use an "
+            "`lr_scheduler_type` such as 'constant', 'linear' or 'cosine', or set cooldown_fraction=0."
         )
     start = total_steps * (1 - fraction)
 
-    def factor(step: int) -> float:
-        end = min(1.0, max(0.0, (total_steps - step) / (total_steps - start))) if fraction else 1.0
-        if window is not None:
-            round_steps, cooperative = window
-            position = step % round_steps
-            if position >= cooperative:
-                end *= (round_steps - position) / (round_steps - cooperative + 1)
-        return end
-
     def cooled(shape):
-        return lambda step: shape(step) * factor(step)
+        return lambda step: shape(step) * min(1.0, max(0.0, (total_steps - step) / (total_steps - start)))
 
     scheduler.lr_lambdas = [cooled(shape) for shape in scheduler.lr_lambdas]
     # The factor at the current step (0 at the start, or a resumed step) takes effect now.

@@ -18,8 +18,6 @@ OPTIMIZER = "optimizer"  # changes how a gradient becomes an update: expressed p
 SPECIALIZED = "specialized"  # changes the gradient itself: clan consensus when cooperating, own value when competing
 
 SCALES = ("log", "linear")
-# A log-scaled gene whose bounds start at 0 (weight decay) is searched on log(x + high * 10**-ZERO_DECADES).
-ZERO_DECADES = 3
 KINDS = (OPTIMIZER, SPECIALIZED)
 CONSENSUS_RULES = ("mean", "median")  # how the clan agrees on a specialized gene's value while it cooperates
 
@@ -38,17 +36,11 @@ class Gene:
     integer: bool = False
     consensus: str = "mean"
 
-    @property
-    def offset(self) -> float:
-        """What a log-scaled gene whose low bound is 0 adds before the log: 0 then sits `ZERO_DECADES` decades below
-        the high bound, so the gene moves by factors across its range and can still reach 0."""
-        return self.high * 10.0**-ZERO_DECADES if self.scale == "log" and self.low == 0 else 0.0
-
     def to_space(self, x: float) -> float:
-        return math.log(x + self.offset) if self.scale == "log" else x
+        return math.log(x) if self.scale == "log" else x
 
     def from_space(self, y: float) -> float:
-        return math.exp(y) - self.offset if self.scale == "log" else y
+        return math.exp(y) if self.scale == "log" else y
 
     @property
     def width(self) -> float:
@@ -222,6 +214,8 @@ def _check_common(name: str, opts: dict, spec: GeneSpec) -> None:
             )
     if low is not None and high is not None and low >= high:
         raise ValueError(f"`genes[{name!r}]` has low={low} >= high={high}; set low below high.")
+    if opts.get("scale", spec.scale) == "log" and low is not None and low <= 0:
+        raise ValueError(f"`genes[{name!r}]` is log-scaled, so 'low' must be > 0 (got {low}).")
     if "mutation_scale" in opts and not 0 < opts["mutation_scale"] < math.inf:
         raise ValueError(f"`genes[{name!r}]['mutation_scale']` must be > 0 and finite, got {opts['mutation_scale']}.")
     if opts.get("consensus", "mean") not in CONSENSUS_RULES:
@@ -286,6 +280,8 @@ def build_gene(name: str, value: float, options: dict) -> Gene:
             f"widen `genes[{name!r}]` or change {spec.source}."
         )
     scale = options.get("scale", spec.scale)
+    if scale == "log" and low <= 0:
+        raise ValueError(f"Gene {name!r} is log-scaled but its low bound is {low}; set a positive 'low'.")
     if spec.integer:
         low, high = float(math.ceil(low)), float(math.floor(high))
     consensus = options.get("consensus", "mean")

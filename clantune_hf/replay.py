@@ -113,13 +113,7 @@ class ScheduleReplayCallback(TrainerCallback):
             )
         self._decay_groups = decay_groups(trainer)
         # The clan's final cooldown is part of its schedule: the replay decays the same way.
-        window = base.get("window_cooldown")
-        with_cooldown(
-            trainer.lr_scheduler,
-            base.get("cooldown_fraction", 0.0),
-            state.max_steps,
-            tuple(window) if window else None,
-        )
+        with_cooldown(trainer.lr_scheduler, base.get("cooldown_fraction", 0.0), state.max_steps)
         if "max_grad_norm" in genes and not args.max_grad_norm > 0:
             raise ValueError("The schedule has a max_grad_norm gene; set `max_grad_norm` > 0 so the Trainer clips.")
         self._user_max_grad_norm = args.max_grad_norm

@@ -101,7 +101,8 @@ class RecordingTrainer(ClanTrainer):
 
 
 def check_cooperative(output_dir):
-    """All-cooperative rounds: the gradient is the all-reduced one; members with other lr genes drift apart."""
+    """All-cooperative rounds: the gradient is the all-reduced one (a soloist's own); members with other lr genes drift
+    apart."""
     trainer = make_trainer(output_dir, RecordingTrainer, duty_cycle=0.0, round_steps=6, max_steps=6)
     trainer.steps = []
     weights_at_start = digest(p for _, p in member_tensors(trainer.model))
@@ -120,7 +121,9 @@ def check_cooperative(output_dir):
     trainer.train()
 
     assert all(not s["competitive"] for s in trainer.steps)
-    assert all(s["equals_reduced"] for s in trainer.steps), [s["equals_reduced"] for s in trainer.steps]
+    # The shared gradient, or a soloist's own (solo_radius: the initial spread may put a member far off).
+    shared = [s["equals_local"] if s["alone"] else s["equals_reduced"] for s in trainer.steps]
+    assert all(shared), shared
     rank = trainer.member
     # Each member applies the shared gradient with its own lr: lr in the groups is the gene times the schedule.
     for s in trainer.steps[1:]:
@@ -204,30 +207,21 @@ class _StopAfterRound(Exception):
     pass
 
 
-def check_clone(output_dir, pull_to_best=0.0):
+def check_clone(output_dir):
     """A clone's weights, buffers and Adam state equal its source's bit for bit; its genome is the source's,
-    mutated; members not in the plan keep everything, or with `pull_to_best` move their weights (not their
-    optimizer state) that fraction of the way to the best member's."""
-    trainer = make_trainer(
-        output_dir, CloneRecordingTrainer, round_steps=3, max_steps=9, duty_cycle=0.34, pull_to_best=pull_to_best
-    )
+    mutated; members not in the plan keep everything."""
+    trainer = make_trainer(output_dir, CloneRecordingTrainer, round_steps=3, max_steps=9, duty_cycle=0.34)
     try:
         trainer.train()
     except _StopAfterRound:
         pass
     plan = {r["member"]: r["parent"] for r in trainer.clan_history if r["parent"] is not None}
     assert plan, "a selection must replace someone"
-    fitness = [r["fitness"] for r in trainer.clan_history]
-    best = fitness.index(min(fitness))
     befores, afters = gather(trainer.before), gather(trainer.after)
     for dst in range(trainer.clan_size):
         src = plan.get(dst, dst)
         assert set(afters[dst]) == set(befores[src])
-        pulled = pull_to_best and dst not in plan and dst != best
         for key, value in befores[src].items():
-            if pulled and key.startswith("model.") and value.is_floating_point():
-                value = value.lerp(befores[best][key], pull_to_best)
-                assert not torch.equal(value, befores[dst][key]), f"member {dst} was not pulled at {key}"
             assert torch.equal(afters[dst][key], value), f"member {dst} differs from source {src} at {key}"
             assert afters[dst][key].dtype == value.dtype
         steps = [k for k in afters[dst] if k.endswith(".step")]

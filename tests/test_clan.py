@@ -24,10 +24,6 @@ def test_a_far_off_member_trains_alone_while_the_others_share(tmp_path):
     run_clan(clan_checks.check_soloist, 4, str(tmp_path))
 
 
-def test_pull_to_best_moves_the_members_that_stay_toward_the_best(tmp_path):
-    run_clan(clan_checks.check_clone, 4, str(tmp_path), 0.5)
-
-
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_selection_agrees_spares_the_best_and_ranks_nan_last(tmp_path, num_processes):
     run_clan(clan_checks.check_selection, num_processes, str(tmp_path))

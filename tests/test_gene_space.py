@@ -49,12 +49,14 @@ class CheckedClan(ClanTrainer):
         if self._competitive:  # the per-token mean over its own micro-batches
             expected = int(own[ACCUMULATION].value)
             reference = [g / count for g in grads]
-        else:  # every member's summed gradient at its own weights, over every rank's tokens: the shared mean
+        else:  # every sharer's summed gradient at its own weights, over the sharers' tokens (a soloist: its own)
             expected = int(consensus(self.genomes, ACCUMULATION))
-            total = sum(gather(count))
-            for g in grads:
+            alone = self._sharing.alone
+            total = sum(gather(0 if alone else count))
+            shared = [torch.zeros_like(g) if alone else g.clone() for g in grads]
+            for g in shared:
                 dist.all_reduce(g)
-            reference = [g / total for g in grads]
+            reference = [g / count for g in grads] if alone else [g / total for g in shared]
         assert len(batches) == expected, (self.state.global_step, len(batches), expected)
         grads = [p.grad for p in self.model.parameters() if p.requires_grad]
         for grad, ref in zip(grads, reference, strict=True):

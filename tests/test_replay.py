@@ -138,20 +138,3 @@ def test_cooldown_decays_the_schedule_to_zero_over_the_last_fraction():
 
     with pytest.raises(ValueError, match="`cooldown_fraction`"):
         with_cooldown(torch.optim.lr_scheduler.StepLR(optimizer, 10), 0.2, 100)
-
-
-def test_window_cooldown_decays_each_competitive_window_and_restores_the_rate():
-    from clantune_hf.expression import with_cooldown
-
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=0.1)
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    with_cooldown(constant, 0.0, 100, window=(10, 7))  # rounds of 10 steps, the last 3 competitive
-    factors = [constant.lr_lambdas[0](step) for step in range(30)]
-    assert factors[:7] == [1.0] * 7, "cooperative steps keep the shape"
-    assert factors[7:10] == pytest.approx([0.75, 0.5, 0.25]), "the window decays toward 0"
-    assert factors[10:17] == [1.0] * 7 and factors[27:30] == pytest.approx([0.75, 0.5, 0.25]), "every round again"
-
-    linear = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 100)
-    with_cooldown(linear, 0.2, 100, window=(10, 7))
-    assert linear.lr_lambdas[0](89) == pytest.approx((1 - 89 / 100) * (11 / 20) * 0.25), "all three factors multiply"
