@@ -7,9 +7,10 @@ member holds the same slice of every tensor (the *peer group* `j`, along the mes
 
 - every backward reduce-scatters each layer's gradient inside the member, as FSDP2 does;
 - in cooperative steps FSDP2's all-reduce hook then averages that shard over the peer group, layer by layer as the
-  backward goes: together, the mean over all W ranks, as HSDP computes it. In competitive steps the hook does
-  nothing, so each member keeps its own gradient. (HSDP's own switch, `set_requires_all_reduce(False)`, is meant for
-  gradient accumulation: it holds the gradient back until the next all-reduce instead of keeping it.)
+  backward goes: together, the mean over all W ranks, as HSDP computes it (a member that trains alone keeps its
+  own, see `Sharing`). In competitive steps the hook does nothing, so each member keeps its own gradient. (HSDP's
+  own switch, `set_requires_all_reduce(False)`, is meant for gradient accumulation: it holds the gradient back
+  until the next all-reduce instead of keeping it.)
 - a clone or a broadcast goes rank `j` to rank `j`: one member's state in all.
 """
 

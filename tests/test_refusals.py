@@ -45,6 +45,9 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"fitness_average_window": float("nan")}, "fitness_average_window"),
         ({"cooldown_fraction": 1.5}, "cooldown_fraction"),
         ({"initial_spread_width": 0.0}, "initial_spread_width"),
+        ({"solo_radius": 0.0}, "solo_radius"),
+        ({"solo_radius": 1.5}, "solo_radius"),
+        ({"solo_radius": "wide"}, "solo_radius"),
         ({"fitness_eval_samples": 8.5}, "fitness_eval_samples"),
         # The genes field
         ({"genes": []}, "genes"),
