@@ -91,6 +91,8 @@ class CheckedTrainer(FaultyTrainer):
             state = "finite" if torch.isfinite(grad).all() else "non-finite"
             assert torch.allclose(grad, reference, rtol=1e-5, atol=1e-7), f"step {self.state.global_step}: {state}"
         self.steps.append((self.state.global_step, self._competitive, state))
+        if self._sharing.alone:
+            self.alone_at.append(self.state.global_step)
         return out
 
 
@@ -104,8 +106,11 @@ def check_diverging_member(output_dir, fault_steps, competitive, soloist=None):
     )
     if soloist is not None:
         clan_checks.make_soloist(trainer, soloist)
-    trainer.steps = []
+    trainer.steps, trainer.alone_at = [], []
     trainer.train()
+    if soloist is not None:
+        alone = set(fault_steps) <= set(trainer.alone_at)
+        assert alone == (trainer.member == soloist), "the soloist, and only it, trained alone at the faulty steps"
 
     poisoned = trainer.member == 2
     for step, is_competitive, state in trainer.steps:
