@@ -292,7 +292,8 @@ class ClanTrainer(Trainer):
         """Called once per optimizer step, before any forward: switch phase, and in competitive steps share data."""
         self._competitive = self._is_competitive(self.state.global_step)
         self._express(self._competitive)
-        self._sharing.active, self._sharing.shared_finite = not self._competitive, True
+        self._sharing.active = not self._competitive
+        self._sharing.finite_flags.clear()
         count, fetch = self._accumulation(num_batches)
         batches = list(itertools.islice(epoch_iterator, fetch))
         if self._competitive:
@@ -342,20 +343,23 @@ class ClanTrainer(Trainer):
         if self._sharing.sharers == self.clan_size or not self.args.average_tokens_across_devices:
             return self._get_num_items_in_batch(batches, device)
         count = self._local_num_items(batches, device)
+        shared = torch.zeros((), dtype=torch.float64, device=comm_device())
+        if count is not None and not self._sharing.alone:
+            shared += torch.as_tensor(count, device=comm_device())
+        dist.all_reduce(shared)  # every rank, whatever its count: a soloist adds 0
         if count is None:
             return None
-        shared = torch.tensor(0.0 if self._sharing.alone else float(count), dtype=torch.float64, device=comm_device())
-        dist.all_reduce(shared)  # every rank: a soloist adds 0
         if self._sharing.alone:
-            return self._own_num_items(batches, device)
+            return self._own_num_items(batches, device, count)
         return (shared * self.clan_size / self._sharing.sharers).to(device=device, dtype=torch.float32)
 
-    def _own_num_items(self, batches: list[dict], device: torch.device) -> Any:
+    def _own_num_items(self, batches: list[dict], device: torch.device, count: Any = None) -> Any:
         """The token count of this member's own micro-batches (over its ranks), times the number of members: what
         the Trainer's count gathered across ranks would be if every member held them, so compute_loss's
         multiplication by the world size and the member's own gradient averaging leave its per-token mean. A
-        collective only inside a sharded member: members may hold different numbers of micro-batches."""
-        count = self._local_num_items(batches, device)
+        collective only inside a sharded member: members may hold different numbers of micro-batches. `count`: this
+        rank's own count, when the caller has it already."""
+        count = self._local_num_items(batches, device) if count is None else count
         if not self.args.average_tokens_across_devices or count is None:
             return count
         if self.layout.sharded:
@@ -397,9 +401,19 @@ class ClanTrainer(Trainer):
             self._check_gradients(model)
         return loss
 
+    def _values_finite(self, params: list[nn.Parameter]) -> bool:
+        """Whether every gradient value of this member is finite (all its shards agreeing): the rare path taken when
+        its gradient norm is not."""
+        finite = all(bool(torch.isfinite(local(p.grad)).all()) for p in params)
+        flag = torch.tensor([float(finite)], device=comm_device())
+        if self.layout.sharded:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.member_group)  # its own ranks only
+        return bool(flag.item())
+
     def _soloist_saw_finite(self) -> bool:
         """Whether the sharers' mean came out finite, as this soloist saw it (all its shards agreeing)."""
-        seen = self._sharing.shared_finite
+        flags = self._sharing.finite_flags
+        seen = bool(torch.stack(flags).all()) if flags else True  # one sync a step, not one a bucket
         if self.layout.sharded:
             flag = torch.tensor([float(seen)], device=comm_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.member_group)  # its own ranks only
@@ -417,9 +431,13 @@ class ClanTrainer(Trainer):
         params = [p for p in self.model.parameters() if p.grad is not None]
         self._grad_norm = member_grad_norm([p.grad for p in params], self.layout) if params else None
         finite = self._grad_norm is None or bool(torch.isfinite(self._grad_norm))
-        # Every rank knows whether the shared gradient is finite: a sharer holds it, a soloist checked it.
+        # Every rank judges the shared gradient by its values, so all take the same path: a sharer holds it (a norm
+        # can overflow on finite values, so an infinite norm is checked value by value), a soloist checked it.
         alone = self._sharing.alone
-        shared_finite = self._competitive or (self._soloist_saw_finite() if alone else finite)
+        if self._competitive:
+            shared_finite = True
+        else:
+            shared_finite = self._soloist_saw_finite() if alone else finite or self._values_finite(params)
         if finite and shared_finite:
             return
         if not shared_finite:

@@ -16,7 +16,7 @@ member holds the same slice of every tensor (the *peer group* `j`, along the mes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -86,7 +86,9 @@ class Sharing:
     active: bool = True  # cooperating: gradients are shared
     sharers: int = 1  # how many members average theirs
     alone: bool = False  # this member trains alone (see `solo_radius`): it adds zeros and keeps its own gradient
-    shared_finite: bool = True  # a soloist's view of whether the sharers' mean came out finite in this step
+    # A soloist's view of whether the sharers' mean came out finite in this step: one flag per bucket or shard, read
+    # once the backward is done, so the hook never waits on the device.
+    finite_flags: list[torch.Tensor] = field(default_factory=list)
 
     def share(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.futures.Future:
         """All-reduce `tensor` (a gradient bucket, or a member's gradient shard) in place across members. The
@@ -100,7 +102,7 @@ class Sharing:
         def result(future: torch.futures.Future) -> torch.Tensor:
             if own is None:
                 return future.value()[0]
-            self.shared_finite = self.shared_finite and bool(torch.isfinite(future.value()[0]).all())
+            self.finite_flags.append(torch.isfinite(future.value()[0]).all())
             return own
 
         return dist.all_reduce(tensor, group=group, async_op=True).get_future().then(result)
