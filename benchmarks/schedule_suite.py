@@ -135,6 +135,9 @@ VARIANTS: dict[str, dict] = {
     "cooldown": {"cooldown_fraction": 0.2},
     "spread_half": {"initial_spread_width": 0.5},
     "solo_0.15": {"solo_radius": 0.15},
+    # Cloning gated on a paired test over the eval batches.
+    "confident_0.75": {"selection_confidence": 0.75},
+    "confident_0.9": {"selection_confidence": 0.9},
 }
 DEFAULT_SEEDS = {"full": "0", "quick": "0,1,2", "tiny": "0"}
 # `--ray-problems a,b` limits pbt_ray (the slowest method: Ray starts a worker process per trial) to some problems.

@@ -35,7 +35,7 @@ class ClanConfig(TrainingArguments):
         solo_radius (`float`, *optional*, defaults to `0.25`):
             While the clan cooperates, a member whose optimizer genes (its learning rate, say) lie farther than this
             fraction of a gene's bounds, in scale space, from the clan's median trains alone: it adds nothing to the
-            shared gradient and applies its own. At most (N - 1) // 2 members, the farthest, train alone. A member
+            shared gradient and applies its own. The farthest train alone, as long as two members share. A member
             far from the others moves its weights at another pace, so the mean of gradients taken at the others'
             weights would steer it (and its gradient them) the wrong way. In (0, 1]; `1.0` lets every member share.
 
@@ -59,6 +59,12 @@ class ClanConfig(TrainingArguments):
         selection_fraction (`float`, *optional*, defaults to `0.25`):
             Fraction of the clan replaced each round by clones of the same-sized top fraction (at least one member,
             at most half of the clan). The best member is never replaced.
+        selection_confidence (`float`, *optional*, defaults to `0.0`):
+            A member is replaced only when its clone source beats it with this confidence by a one-sided paired
+            t-test over the eval batches (every member evaluates the same batches in the same order), in [0, 1).
+            On a plateau, members differ by noise, and cloning on noise throws away the member that is about to
+            leave it. `0` replaces the bottom fraction whatever the margin. A member with a non-finite fitness is
+            always replaced.
         initial_spread (`str`, *optional*, defaults to `"stratified"`):
             Where members 1..N-1 start (member 0 always starts at the configured values). `"stratified"` spreads
             them across each gene's bounds, one stratum per member (a Latin hypercube); `"local"` starts them one
@@ -142,6 +148,13 @@ class ClanConfig(TrainingArguments):
         metadata={
             "help": "Fraction of the clan replaced each round by clones of the same-sized top fraction (at least "
             "one member, at most half)."
+        },
+    )
+    selection_confidence: float = field(
+        default=0.0,
+        metadata={
+            "help": "Replace a member only when its clone source is better with this confidence (one-sided paired "
+            "t-test over the eval batches), in [0, 1); 0 replaces the bottom fraction whatever the margin."
         },
     )
     initial_spread: str = field(
@@ -266,6 +279,7 @@ class ClanConfig(TrainingArguments):
             "fitness_average_window",
             "cooldown_fraction",
             "solo_radius",
+            "selection_confidence",
         )
         for name in fractions:
             value = getattr(self, name)
@@ -290,6 +304,11 @@ class ClanConfig(TrainingArguments):
         for name in ("resample_probability", "fitness_average_window", "cooldown_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
+        if not 0.0 <= self.selection_confidence < 1.0:
+            raise ValueError(
+                f"`selection_confidence` must be in [0, 1) (0 clones whatever the margin), got "
+                f"{self.selection_confidence}."
+            )
         for name in ("initial_spread_width", "solo_radius"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)}.")

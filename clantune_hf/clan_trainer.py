@@ -225,6 +225,7 @@ class ClanTrainer(Trainer):
         self._schedule_base_lrs: list[float] | None = None
         self._decay_groups: list[bool] | None = None
         self._fitness_loader: DataLoader | None = None
+        self._fitness_batches: list[float] | None = None  # this member's last fitness per eval batch
         self._average = WeightAverage()
         # The last this many steps of every round are averaged for fitness (0: fitness sees the last weights).
         self._average_steps = round(args.fitness_average_window * args.round_steps)
@@ -603,11 +604,14 @@ class ClanTrainer(Trainer):
         fitness = self._gather_fitness()
         if self.search.step_size_control == "success":
             self.genomes = adapt_scales(self.genomes, last_plan(self.clan_history), fitness, self.greater_is_better)
+        confidence = self.args.selection_confidence
         plan = selection_plan(
             fitness,
             self.greater_is_better,
             self.args.selection_fraction,
             make_rng(self.args.seed, "select", self._round_index()),
+            batch_scores=self._gather_fitness_batches() if confidence > 0 else None,
+            confidence=confidence,
         )
         self._record_round(fitness, plan)
         for dst, src in sorted(plan.items()):
@@ -654,10 +658,17 @@ class ClanTrainer(Trainer):
 
     def _gather_fitness(self, averaged: bool = True) -> list[float]:
         """Every member's fitness, on every rank. `averaged`: at the mean of the round's last weights, if any."""
+        self._fitness_batches = None
         with self._average.swapped_in(self.model) if averaged else contextlib.nullcontext():
             own = math.nan if self._diverged else self._member_fitness()
         self._average.reset()
         return self.layout.per_member(all_gather_floats(own))
+
+    def _gather_fitness_batches(self) -> list[list[float] | None]:
+        """Every member's last fitness per eval batch (None for a member that has none), on every rank."""
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, self._fitness_batches)
+        return self.layout.per_member(every)
 
     def _record_round(self, fitness: list[float], plan: dict[int, int]) -> None:
         """Check that every rank agrees, append the round to the history, and log its scalars."""
@@ -738,7 +749,10 @@ class ClanTrainer(Trainer):
     def _member_fitness(self, batches: int | None = None) -> float:
         if self._fitness_loader is None:
             self._fitness_loader = fitness_dataloader(self)
-        return member_fitness(self, self._fitness_loader, batches)
+        fitness, self._fitness_batches = member_fitness(
+            self, self._fitness_loader, batches, per_batch=self.args.selection_confidence > 0
+        )
+        return fitness
 
     def _check_fitness_metric(self) -> None:
         """Fail before training, not after the first round, if compute_metrics does not produce

@@ -30,7 +30,7 @@ from transformers.trainer_utils import EvalPrediction, denumpify_detensorize, sp
 
 from .genetics import rank_members
 from .history import latest_best, member_prefix
-from .members import reshard
+from .members import MemberLayout, reshard
 
 if TYPE_CHECKING:
     from .clan_trainer import ClanTrainer
@@ -46,6 +46,8 @@ class MemberEvaluation:
     num_batches: int
     predictions: Any = None
     label_ids: Any = None
+    # With `per_batch=True`: the same metrics for each batch alone, in batch order (the fitness's paired test).
+    batches: list[dict[str, float]] | None = None
 
 
 def unsharded_dataloader(trainer: ClanTrainer, dataset: Dataset, limit: int | None = None) -> DataLoader:
@@ -74,8 +76,10 @@ def evaluate_member(
     ignore_keys: list[str] | None = None,
     compute_metrics: bool = True,
     keep_predictions: bool = False,
+    per_batch: bool = False,
 ) -> MemberEvaluation:
-    """This rank's member on `loader` (its first `batches` batches): loss, compute_metrics, and the predictions."""
+    """This rank's member on `loader` (its first `batches` batches): loss, compute_metrics, and the predictions;
+    with `per_batch`, also each batch's own loss and compute_metrics."""
     model = trainer.model
     was_training = model.training
     model.eval()
@@ -88,6 +92,7 @@ def evaluate_member(
     # Loss sum, labelled samples, samples, batches: summed over the member's ranks at the end.
     totals = torch.zeros(4, dtype=torch.float64, device=trainer.args.device)
     outputs_by_batch = []  # (batch index, logits, label ids) of this rank's batches
+    losses_by_batch = []  # (batch index, mean loss) of this rank's labelled batches
     try:
         for index, inputs in _own_batches(itertools.islice(loader, batches), layout.ranks_per_member, layout.shard):
             inputs = trainer._prepare_inputs(inputs)
@@ -104,6 +109,8 @@ def evaluate_member(
             if has_labels:
                 totals[0] += loss.detach().double() * batch_size
                 totals[1] += batch_size
+                if per_batch:
+                    losses_by_batch.append((index, loss.item()))
             totals[2] += batch_size
             totals[3] += 1
             if not (score or keep_predictions):
@@ -126,9 +133,9 @@ def evaluate_member(
     if layout.sharded:
         dist.all_reduce(totals, group=layout.member_group)
         if score or keep_predictions:
-            parts = [None] * layout.ranks_per_member
-            dist.all_gather_object(parts, outputs_by_batch, group=layout.member_group)
-            outputs_by_batch = sorted((item for part in parts for item in part), key=lambda item: item[0])
+            outputs_by_batch = _gather_in_member(outputs_by_batch, layout)
+        if per_batch:
+            losses_by_batch = _gather_in_member(losses_by_batch, layout)
     predictions = labels = None
     for _, logits, label_ids in outputs_by_batch:
         predictions = logits if predictions is None else nested_concat(predictions, logits, -100)
@@ -143,7 +150,29 @@ def evaluate_member(
         )
     if labelled:
         metrics["loss"] = total / labelled
-    return MemberEvaluation(metrics, int(samples), int(steps), predictions if keep_predictions else None, labels)
+    evaluation = MemberEvaluation(metrics, int(samples), int(steps), predictions if keep_predictions else None, labels)
+    if per_batch:
+        evaluation.batches = _batch_metrics(trainer, losses_by_batch, outputs_by_batch if score else [])
+    return evaluation
+
+
+def _gather_in_member(items: list[tuple], layout: MemberLayout) -> list[tuple]:
+    """`(batch index, ...)` items of every rank of this rank's member, in batch order."""
+    parts = [None] * layout.ranks_per_member
+    dist.all_gather_object(parts, items, group=layout.member_group)
+    return sorted((item for part in parts for item in part), key=lambda item: item[0])
+
+
+def _batch_metrics(trainer: ClanTrainer, losses: list[tuple], outputs: list[tuple]) -> list[dict[str, float]]:
+    """Each batch's loss and compute_metrics, in batch order."""
+    by_index: dict[int, dict[str, float]] = {index: {"loss": loss} for index, loss in losses}
+    for index, logits, label_ids in outputs:
+        logits, label_ids = (None if t is None else nested_numpify(t) for t in (logits, label_ids))
+        scored = denumpify_detensorize(
+            trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=label_ids))
+        )
+        by_index.setdefault(index, {}).update(scored)
+    return [by_index[index] for index in sorted(by_index)]
 
 
 def _own_batches(batches: Iterable, ranks: int, shard: int) -> Iterator[tuple[int | None, Any]]:

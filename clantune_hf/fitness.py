@@ -24,18 +24,24 @@ def fitness_dataloader(trainer: ClanTrainer) -> DataLoader:
     return unsharded_dataloader(trainer, trainer.eval_dataset, trainer.args.fitness_eval_samples)
 
 
-def member_fitness(trainer: ClanTrainer, loader: DataLoader, batches: int | None = None) -> float:
-    """This member's fitness: its eval loss (mean over samples) or `metric_for_best_model` from compute_metrics."""
-    evaluation = evaluate_member(trainer, loader, batches, compute_metrics=trainer.fitness_metric is not None)
-    if not trainer.fitness_metric:
-        return evaluation.metrics.get("loss", math.nan)
-    key = trainer.fitness_metric.removeprefix("eval_")
-    if key not in evaluation.metrics:
+def member_fitness(
+    trainer: ClanTrainer, loader: DataLoader, batches: int | None = None, per_batch: bool = False
+) -> tuple[float, list[float] | None]:
+    """This member's fitness: its eval loss (mean over samples) or `metric_for_best_model` from compute_metrics;
+    with `per_batch`, also the same number for each eval batch alone (for selection's paired test)."""
+    evaluation = evaluate_member(
+        trainer, loader, batches, compute_metrics=trainer.fitness_metric is not None, per_batch=per_batch
+    )
+    key = trainer.fitness_metric.removeprefix("eval_") if trainer.fitness_metric else "loss"
+    if trainer.fitness_metric and key not in evaluation.metrics:
         raise ValueError(
             f"`metric_for_best_model={trainer.fitness_metric!r}` is not among the keys compute_metrics returned "
             f"({sorted(set(evaluation.metrics) - {'loss'})}); set it to one of them."
         )
-    return float(evaluation.metrics[key])
+    scores = None
+    if per_batch:
+        scores = [float(batch.get(key, math.nan)) for batch in evaluation.batches]
+    return float(evaluation.metrics.get(key, math.nan)), scores
 
 
 class WeightAverage:

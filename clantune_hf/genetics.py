@@ -9,7 +9,8 @@ The search (docs/search.md explains it with its references):
   bounds (one stratum of the bounds per member, in the gene's scale space), so a start that is 100x off already has
   a member near the optimum in round one.
 - **Truncation selection.** The bottom fraction is replaced by clones of the top fraction; the best member is never
-  replaced.
+  replaced. Optionally (`selection_confidence`) a member is replaced only when its source beats it significantly,
+  by a paired t-test over the eval batches.
 - **Mutation.** A clone mutates each gene's mutation scale first (log-normal self-adaptation), then the value with
   the new scale, reflected into the bounds. Clones made in the same round come in mirrored pairs (`u + s*z`,
   `u - s*z`), and each gene is instead drawn afresh from its bounds with probability `resample_probability`.
@@ -148,11 +149,12 @@ def consensus(genomes: list[Genome], name: str) -> float:
 
 def soloists(genomes: list[Genome], radius: float) -> set[int]:
     """The members that train alone while the clan cooperates: those whose optimizer genes lie more than `radius` of
-    a gene's bounds (in scale space) from the clan's median, at most the farthest (P - 1) // 2 of them.
+    a gene's bounds (in scale space) from the clan's median, the farthest first, so that at least two members share.
 
     A member whose learning rate is far from the others' moves its weights at another pace, so the gradients the
     others take at their weights point it the wrong way (and its own, the others). Such a member neither adds to
-    nor applies the shared gradient; the rest share among themselves.
+    nor applies the shared gradient; the rest share among themselves. A spread clan often has a far-off member on
+    each side of the median, and both must leave for the members in between to share cleanly.
     """
     distance = [0.0] * len(genomes)
     for name, gene in genomes[0].items():
@@ -163,7 +165,7 @@ def soloists(genomes: list[Genome], radius: float) -> set[int]:
         for member, y in enumerate(points):
             distance[member] = max(distance[member], abs(y - median) / gene.width)
     far = sorted((m for m in range(len(genomes)) if distance[m] > radius), key=lambda m: (-distance[m], m))
-    return set(far[: (len(genomes) - 1) // 2])
+    return set(far[: len(genomes) - 2])
 
 
 def _badness(value: float, greater_is_better: bool) -> float:
@@ -178,17 +180,65 @@ def rank_members(fitness: list[float], greater_is_better: bool) -> list[int]:
 
 
 def selection_plan(
-    fitness: list[float], greater_is_better: bool, fraction: float, rng: random.Random
+    fitness: list[float],
+    greater_is_better: bool,
+    fraction: float,
+    rng: random.Random,
+    batch_scores: list[list[float] | None] | None = None,
+    confidence: float = 0.0,
 ) -> dict[int, int]:
     """Truncation selection: `{replaced member: member it clones}`.
 
     The bottom `fraction` of the clan (at least one member, at most half) is replaced by clones drawn from the top
     fraction of the same size, so the best member is never replaced and no clone source is itself replaced.
+
+    With `confidence > 0` and each member's fitness per eval batch (`batch_scores`, every member's on the same
+    batches), a member is replaced only when its source is better with that confidence by a one-sided paired t-test
+    over the batches (`significantly_better`); a member with a non-finite fitness is always replaced.
     """
     order = rank_members(fitness, greater_is_better)
     count = replaced_count(len(order), fraction)
     top, bottom = order[:count], order[len(order) - count :]
-    return {dst: rng.choice(top) for dst in sorted(bottom)}
+    plan = {dst: rng.choice(top) for dst in sorted(bottom)}  # drawn first, so the gate never shifts the draws
+    if confidence <= 0 or batch_scores is None:
+        return plan
+    return {
+        dst: src
+        for dst, src in plan.items()
+        if not math.isfinite(fitness[dst])
+        or significantly_better(batch_scores[src], batch_scores[dst], confidence, greater_is_better)
+    }
+
+
+def significantly_better(
+    scores: list[float] | None, others: list[float] | None, confidence: float, greater_is_better: bool
+) -> bool:
+    """Whether `scores` beat `others` (the same batches, in the same order) with `confidence`, by a one-sided paired
+    t-test over the batches. Without two finite pairs there is no test, and the answer is yes: selection then acts
+    on the mean alone, as it does with `confidence=0`."""
+    if scores is None or others is None or len(scores) != len(others):
+        return True
+    sign = 1.0 if greater_is_better else -1.0
+    gains = [sign * (a - b) for a, b in zip(scores, others, strict=True) if math.isfinite(a) and math.isfinite(b)]
+    if len(gains) < 2:
+        return True
+    mean, sd = statistics.fmean(gains), statistics.stdev(gains)
+    if sd == 0:
+        return mean > 0
+    return mean / (sd / math.sqrt(len(gains))) > t_quantile(confidence, len(gains) - 1)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile, by the Cornish-Fisher expansion around the normal one (Abramowitz & Stegun 26.7.5):
+    within 1% of the exact value for df >= 3 at p <= 0.99, which is all a selection threshold needs."""
+    z = statistics.NormalDist().inv_cdf(p)
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+        + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * df**4)
+    )
 
 
 def replaced_count(clan_size: int, fraction: float) -> int:

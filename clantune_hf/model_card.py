@@ -28,6 +28,10 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
     replaced = f"{count} members were replaced by mutated clones of the {count}"
     if count == 1:
         replaced = "member was replaced by a mutated clone of one"
+    gate = ""
+    if args.selection_confidence:
+        confidence = f"{args.selection_confidence:.0%} confidence"
+        gate = f", when the stronger beat it with {confidence} (a paired t-test over the eval batches)"
     if trainer.fitness_metric is None:
         fitness = "eval loss (lower is better)"
     else:
@@ -53,7 +57,7 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
         f" **{args.round_steps} steps** was cooperative (gradients shared as in DDP, each member applying them"
         f" with its own hyperparameters) for {cooperative} steps and competitive (members training alone on common"
         f" data) for {args.round_steps - cooperative} (**duty cycle {args.duty_cycle:g}**); then every member was"
-        f" ranked by its {fitness} and the weakest {replaced} of the strongest."
+        f" ranked by its {fitness} and the weakest {replaced} of the strongest{gate}."
         " These weights are the best member's at the end of training.",
         "",
         "## Genes",

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 from testing_utils import PatternDataset, tiny_gpt2
@@ -75,9 +76,11 @@ class RecordingTrainer(ClanTrainer):
         local = [torch.zeros_like(p) if g is None else g for g, p in zip(local, params, strict=True)]
         # What the clan shares: every member's gradient, or with soloists (solo_radius) the sharers' alone.
         reduced = [torch.zeros_like(g) if self._sharing.alone else g.clone() for g in local]
+        sharers = torch.tensor(0.0 if self._sharing.alone else 1.0)  # counted here, not read from the trainer
+        dist.all_reduce(sharers)
         for g in reduced:
             dist.all_reduce(g)
-            g.div_(self._sharing.sharers)
+            g.div_(sharers)
         torch.set_rng_state(rng)
         out = super().training_step(model, inputs, num_items_in_batch)
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -133,27 +136,27 @@ def check_cooperative(output_dir):
     assert len(set(ends)) == trainer.clan_size, "shared gradients, different lr: the weights must differ"
 
 
-def make_soloist(trainer: ClanTrainer, far: int | None = None) -> int:
-    """Put member `far`'s (default: the last one's) learning rate on its high bound, far from the others' (which
-    start near the configured one): with `solo_radius` it trains alone while the clan cooperates. Returns it."""
+def make_soloist(trainer: ClanTrainer, far: int | None = None, low: bool = False) -> int:
+    """Put member `far`'s (default: the last one's) learning rate on its high (or `low`) bound, far from the others'
+    (which start near the configured one): with `solo_radius` it trains alone while the clan cooperates. Returns it."""
     far = trainer.clan_size - 1 if far is None else far
     gene = trainer.genomes[far]["learning_rate"]
-    trainer.genomes[far]["learning_rate"] = dataclasses.replace(gene, value=gene.high)
+    trainer.genomes[far]["learning_rate"] = dataclasses.replace(gene, value=gene.low if low else gene.high)
     return far
 
 
 def check_soloist(output_dir):
-    """With `solo_radius`, a member whose learning rate is far from the clan's trains on its own gradient while
-    the clan cooperates, and the others share the mean of theirs alone."""
+    """With `solo_radius`, the members whose learning rates are far from the clan's, here one on each side, train
+    on their own gradients while the clan cooperates, and the others share the mean of theirs alone."""
     trainer = make_trainer(
         output_dir, RecordingTrainer, duty_cycle=0.0, round_steps=3, max_steps=3, initial_spread="local",
         genes=["learning_rate"], solo_radius=0.25,
     )  # fmt: skip
-    far = make_soloist(trainer)
+    far = {make_soloist(trainer), make_soloist(trainer, trainer.clan_size - 2, low=True)}
     trainer.steps = []
     trainer.train()
-    assert trainer.steps and all(s["alone"] == (trainer.member == far) for s in trainer.steps), trainer.steps
-    if trainer.member == far:
+    assert trainer.steps and all(s["alone"] == (trainer.member in far) for s in trainer.steps), trainer.steps
+    if trainer.member in far:
         assert all(s["equals_local"] for s in trainer.steps), "the soloist applies its own gradient"
     else:
         assert all(s["equals_reduced"] for s in trainer.steps), "the others share the mean of theirs"
@@ -298,8 +301,9 @@ def check_metric_fitness(output_dir):
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
     args = ClanConfig(output_dir=output_dir, round_steps=3, duty_cycle=0.34, max_steps=6, learning_rate=1e-3,
-                      per_device_train_batch_size=8, report_to="none", disable_tqdm=True,
-                      metric_for_best_model="accuracy", greater_is_better=True)  # fmt: skip
+                      per_device_train_batch_size=8, per_device_eval_batch_size=8, report_to="none",
+                      disable_tqdm=True, metric_for_best_model="accuracy", greater_is_better=True,
+                      selection_confidence=0.5)  # fmt: skip
     trainer = ClanTrainer(model=tiny_bert_classifier(), args=args, train_dataset=LabelDataset(128),
                           eval_dataset=LabelDataset(20, seed=1), compute_metrics=accuracy)  # fmt: skip
     trainer.train()
@@ -313,6 +317,49 @@ def check_metric_fitness(output_dir):
     assert all(r["fitness"] <= first[r["parent"]]["fitness"] for r in replaced), "higher accuracy ranks first"
     final = [r for r in trainer.clan_history if r["round"] == 1]
     assert trainer.clan_schedule["best_member"] == max(final, key=lambda r: (r["fitness"], -r["member"]))["member"]
+    # The paired test's scores are the metric per eval batch (8, 8 and 4 samples), averaging to the fitness.
+    batches = trainer._fitness_batches
+    assert len(batches) == 3 and all(a in {k / 8 for k in range(9)} for a in batches[:2]), batches
+    assert math.isclose((8 * batches[0] + 8 * batches[1] + 4 * batches[2]) / 20, final[trainer.member]["fitness"])
+
+
+def _ignore(trainer, value):
+    """A gene that changes nothing."""
+
+
+class BatchLossTrainer(ClanTrainer):
+    """Keeps each member's eval loss per batch, computed on the spot on its unwrapped model, at every fitness."""
+
+    def _gather_fitness(self, averaged=True):
+        self.model.eval()
+        with torch.no_grad():
+            self.reference_batches = [
+                self.model(**{k: torch.stack([self.eval_dataset[i][k] for i in range(start, start + 8)]) for k in
+                              ("input_ids", "labels")}).loss.item()
+                for start in range(0, len(self.eval_dataset), 8)
+            ]  # fmt: skip
+        self.model.train()
+        fitness = super()._gather_fitness(averaged)
+        if self.args.selection_confidence > 0:
+            assert self._fitness_batches == pytest.approx(self.reference_batches, rel=1e-6)
+        return fitness
+
+
+def check_selection_waits_for_a_significant_margin(output_dir):
+    """Members whose only gene changes nothing stay identical, so they tie on every eval batch: plain truncation
+    selection still replaces the last member each round (ties rank by member id), while a gated one never does.
+    Each member's scores per batch are its own eval loss on each batch."""
+    genes = {"noop": {"value": 0.5, "low": 0.0, "high": 1.0, "expression": _ignore}}
+    for confidence, replaces in ((0.0, True), (0.5, False)):
+        trainer = make_trainer(f"{output_dir}/{confidence}", BatchLossTrainer, genes=genes, max_steps=12,
+                               selection_confidence=confidence, save_strategy="no")  # fmt: skip
+        trainer.train()
+        fitness = {r["fitness"] for r in trainer.clan_history}
+        assert len(fitness) == len(trainer.clan_history) // dist.get_world_size(), "members tie in every round"
+        parents = [r["parent"] for r in trainer.clan_history if r["parent"] is not None]
+        assert bool(parents) == replaces, (confidence, trainer.clan_history)
+        if replaces:
+            assert len(parents) == 2 and set(parents) == {0}, "rounds 0 and 1 each replace the last member"
 
 
 class ShortDataTrainer(ClanTrainer):

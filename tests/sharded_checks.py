@@ -9,6 +9,7 @@ import copy
 import math
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 from clan_checks import digest, gather, make_soloist
@@ -39,17 +40,22 @@ def local_state(trainer: ClanTrainer) -> dict[str, torch.Tensor]:
     return state
 
 
-def reference_loss(model, dataset, batch_size: int = 8) -> float:
-    """Mean over samples of the model's own loss per batch: an eval loss computed on one process, no Trainer."""
+def reference_batch_losses(model, dataset, batch_size: int = 8) -> list[tuple[float, int]]:
+    """The model's own loss and size of each batch, computed on one process, no Trainer."""
     model.eval()
-    total, count = 0.0, 0
+    losses = []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
-            total += model(**batch).loss.double().item() * len(items)
-            count += len(items)
-    return total / count
+            losses.append((model(**batch).loss.double().item(), len(items)))
+    return losses
+
+
+def reference_loss(model, dataset, batch_size: int = 8) -> float:
+    """Mean over samples of the model's own loss per batch: an eval loss computed on one process, no Trainer."""
+    losses = reference_batch_losses(model, dataset, batch_size)
+    return sum(loss * size for loss, size in losses) / sum(size for _, size in losses)
 
 
 def make_trainer(output_dir, trainer_cls=ClanTrainer, ranks_per_member: int = 2, **kwargs) -> ClanTrainer:
@@ -189,6 +195,7 @@ class CloneRecordingTrainer(ClanTrainer):
     def _gather_fitness(self, averaged=True):
         plain = copy.deepcopy(self.plain)
         plain.load_state_dict(full_state(self.model))
+        self.reference_batches = [loss for loss, _ in reference_batch_losses(plain, self.eval_dataset)]
         self.reference_fitness = reference_loss(plain, self.eval_dataset)
         return super()._gather_fitness(averaged)
 
@@ -202,7 +209,10 @@ def check_clone_fitness_and_save(output_dir):
     """A clone's shards (weights and Adam state) equal its source's bit for bit, rank j from rank j; fitness equals
     the unsharded eval loss of the member; the saved model is the best member, loads with from_pretrained and
     evaluates to the final fitness."""
-    trainer = make_trainer(output_dir, CloneRecordingTrainer, max_steps=8, save_strategy="no")
+    # A gate that any better mean passes: the plan is the ungated one, and the per-batch scores are gathered.
+    trainer = make_trainer(
+        output_dir, CloneRecordingTrainer, max_steps=8, save_strategy="no", selection_confidence=0.01
+    )
     trainer.plain = tiny_gpt2(dropout=0.0)
     trainer.train()
     layout = trainer.layout
@@ -225,6 +235,8 @@ def check_clone_fitness_and_save(output_dir):
     for record in final:
         assert math.isclose(record["fitness"], references[record["member"]], rel_tol=1e-5), (record, references)
     best = min(final, key=lambda r: r["fitness"])
+    # The member's loss per eval batch (the paired test's scores), its batches split between its two ranks.
+    assert trainer._fitness_batches == pytest.approx(trainer.reference_batches, rel=1e-5)
 
     metrics = trainer.evaluate()
     assert math.isclose(metrics["eval_loss"], best["fitness"], rel_tol=1e-5), (metrics, best)
@@ -236,7 +248,9 @@ def check_clone_fitness_and_save(output_dir):
     for name, value in saved.state_dict().items():
         assert torch.equal(value, own[name]), f"every member now holds the best one; {name} differs"
     with open(f"{output_dir}/final/README.md") as f:
-        assert "**2 members**, each an FSDP2-sharded model over 2 processes" in f.read()
+        card = f.read()
+    assert "**2 members**, each an FSDP2-sharded model over 2 processes" in card
+    assert "when the stronger beat it with 1% confidence (a paired t-test over the eval batches)" in card
 
     # predict(): the best member's logits on every rank, in the dataset's order, as the saved model computes them.
     prediction = trainer.predict(trainer.eval_dataset)

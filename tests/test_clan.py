@@ -38,6 +38,10 @@ def test_plain_training_arguments_are_promoted(tmp_path):
     run_clan(clan_checks.check_promotes_training_arguments, 2, str(tmp_path))
 
 
+def test_selection_waits_for_a_significant_margin(tmp_path):
+    run_clan(clan_checks.check_selection_waits_for_a_significant_margin, 4, str(tmp_path))
+
+
 def test_fitness_can_be_a_compute_metrics_metric(tmp_path):
     run_clan(clan_checks.check_metric_fitness, 2, str(tmp_path))
 

@@ -25,6 +25,9 @@ from clantune_hf.genetics import (
     reflect,
     reproduce,
     selection_plan,
+    significantly_better,
+    soloists,
+    t_quantile,
 )
 from clantune_hf.history import last_plan, round_records
 
@@ -318,6 +321,66 @@ def test_selection_plan_replaces_the_bottom_with_the_top_and_spares_the_best():
     assert selection_plan([1.0, 2.0], False, 0.25, random.Random(0)) == {1: 0}, "a clan of two replaces one"
     plan = selection_plan([1.0, 2.0, 3.0], False, 0.5, random.Random(0))
     assert plan == {2: 0}, "never more than half, never the best"
+
+
+def test_soloists_are_the_members_far_from_the_clan_median_in_optimizer_genes():
+    def clan(*lrs, dropout=0.1):
+        return [genome(learning_rate=lr, dropout=dropout) for lr in lrs]
+
+    # Default bounds lr/100 .. lr*100 around 1e-3: four decades, so a radius of 0.25 is one decade.
+    assert soloists(clan(1e-3, 1.2e-3, 0.9e-3, 1.1e-3), 0.25) == set(), "members within 10x all share"
+    assert soloists(clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 0.25) == {3}
+    assert soloists(clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 1.0) == set(), "a radius of 1 lets every member share"
+    # Far on both sides: the farthest first, and at least two members always share.
+    far_both = clan(1e-3, 1.2e-3, 2e-5, 5e-2, 1.1e-3, 1e-1)
+    assert soloists(far_both, 0.25) == {2, 3, 5}
+    assert len(soloists(clan(1e-5, 1e-3, 1e-1), 0.25)) <= 1 and soloists(clan(1e-5, 1e-1), 0.25) == set()
+    # Specialized genes (dropout) never send a member alone: it shares gradients whatever its dropout.
+    spread = [genome(learning_rate=1e-3, dropout=d) for d in (0.0, 0.1, 0.1, 0.9)]
+    assert soloists(spread, 0.25) == set()
+
+
+@pytest.mark.parametrize(
+    "p, df, exact",  # Student's t quantiles from the tables
+    [(0.75, 7, 0.711), (0.9, 3, 1.638), (0.9, 7, 1.415), (0.95, 7, 1.895), (0.95, 30, 1.697), (0.99, 7, 2.998)],
+)
+def test_t_quantile_matches_the_tables(p, df, exact):
+    assert t_quantile(p, df) == pytest.approx(exact, rel=2e-3)
+
+
+def test_paired_test_needs_a_consistent_margin_over_the_batches():
+    base = [1.0, 1.4, 0.8, 1.2, 0.9, 1.1, 1.3, 0.7]
+    # Better on every batch by a little: the batch-to-batch spread cancels in the pairs.
+    consistent = [b - 0.01 for b in base]
+    assert significantly_better(consistent, base, 0.9, greater_is_better=False)
+    assert not significantly_better(base, consistent, 0.9, greater_is_better=False), "one-sided"
+    # A larger mean margin that flips sign from batch to batch is noise.
+    noisy = [b + d for b, d in zip(base, [-0.3, 0.25, -0.3, 0.25, -0.3, 0.25, -0.3, 0.25], strict=True)]
+    assert sum(noisy) < sum(base)
+    assert not significantly_better(noisy, base, 0.9, greater_is_better=False)
+    assert significantly_better(noisy, base, 0.1, greater_is_better=False), "a low confidence lets it through"
+    # Higher is better for a metric.
+    assert significantly_better(base, consistent, 0.9, greater_is_better=True)
+    # No test without two finite pairs: selection falls back to the means.
+    assert significantly_better([0.5], [0.6], 0.9, greater_is_better=False)
+    assert significantly_better(None, base, 0.9, greater_is_better=False)
+    assert significantly_better([1.0, math.nan, 2.0], [1.0, 1.0, math.nan], 0.9, greater_is_better=False)
+
+
+def test_gated_selection_keeps_members_that_are_not_significantly_worse():
+    base = [1.0, 1.4, 0.8, 1.2, 0.9, 1.1, 1.3, 0.7]
+    clearly_worse = [b + 0.2 for b in base]
+    noise = [b + d for b, d in zip(base, [0.3, -0.25, 0.3, -0.25, 0.3, -0.25, 0.3, -0.25], strict=True)]
+    scores = [base, base, clearly_worse, noise]
+    fitness = [sum(s) / len(s) for s in scores]
+    ungated = selection_plan(fitness, False, 0.5, make_rng(0, "select", 0))
+    assert sorted(ungated) == [2, 3]
+    gated = selection_plan(fitness, False, 0.5, make_rng(0, "select", 0), batch_scores=scores, confidence=0.9)
+    assert gated == {2: ungated[2]}, "the same draws, minus the member only noise puts at the bottom"
+    # A member with a non-finite fitness is replaced whatever its scores say.
+    fitness[3], scores[3] = math.nan, None
+    assert sorted(selection_plan(fitness, False, 0.5, make_rng(0, "select", 0), scores, 0.9)) == [2, 3]
+    assert selection_plan(fitness, False, 0.5, make_rng(0, "select", 0), scores, 0.0) == ungated
 
 
 def test_selection_plan_is_the_same_on_every_rank():

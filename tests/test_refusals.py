@@ -48,6 +48,9 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"solo_radius": 0.0}, "solo_radius"),
         ({"solo_radius": 1.5}, "solo_radius"),
         ({"solo_radius": "wide"}, "solo_radius"),
+        ({"selection_confidence": 1.0}, "selection_confidence"),
+        ({"selection_confidence": -0.1}, "selection_confidence"),
+        ({"selection_confidence": float("nan")}, "selection_confidence"),
         ({"fitness_eval_samples": 8.5}, "fitness_eval_samples"),
         # The genes field
         ({"genes": []}, "genes"),
