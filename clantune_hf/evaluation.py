@@ -92,7 +92,7 @@ def evaluate_member(
     # Loss sum, labelled samples, samples, batches: summed over the member's ranks at the end.
     totals = torch.zeros(4, dtype=torch.float64, device=trainer.args.device)
     outputs_by_batch = []  # (batch index, logits, label ids) of this rank's batches
-    losses_by_batch = []  # (batch index, mean loss) of this rank's labelled batches
+    loss_indices, batch_losses = [], []  # this rank's labelled batches and their mean losses (on the device)
     try:
         for index, inputs in _own_batches(itertools.islice(loader, batches), layout.ranks_per_member, layout.shard):
             inputs = trainer._prepare_inputs(inputs)
@@ -110,7 +110,8 @@ def evaluate_member(
                 totals[0] += loss.detach().double() * batch_size
                 totals[1] += batch_size
                 if per_batch:
-                    losses_by_batch.append((index, loss.item()))
+                    loss_indices.append(index)
+                    batch_losses.append(loss.detach().double())
             totals[2] += batch_size
             totals[3] += 1
             if not (score or keep_predictions):
@@ -130,6 +131,8 @@ def evaluate_member(
         model.train(was_training)
         if layout.sharded:
             reshard(model)
+    # One device sync for all the batch losses, not one per batch.
+    losses_by_batch = list(zip(loss_indices, torch.stack(batch_losses).tolist(), strict=True)) if batch_losses else []
     if layout.sharded:
         dist.all_reduce(totals, group=layout.member_group)
         if score or keep_predictions:
@@ -164,14 +167,19 @@ def _gather_in_member(items: list[tuple], layout: MemberLayout) -> list[tuple]:
 
 
 def _batch_metrics(trainer: ClanTrainer, losses: list[tuple], outputs: list[tuple]) -> list[dict[str, float]]:
-    """Each batch's loss and compute_metrics, in batch order."""
+    """Each batch's loss and compute_metrics, in batch order. A metric that one batch alone cannot define (a ROC AUC
+    on a batch of one class raises ValueError) is left out of that batch, so the paired test skips the batch instead
+    of the run failing on a statistic the user never asked for. Every batch keeps its entry, so every member's list
+    lines up with every other's."""
     by_index: dict[int, dict[str, float]] = {index: {"loss": loss} for index, loss in losses}
     for index, logits, label_ids in outputs:
+        entry = by_index.setdefault(index, {})
         logits, label_ids = (None if t is None else nested_numpify(t) for t in (logits, label_ids))
-        scored = denumpify_detensorize(
-            trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=label_ids))
-        )
-        by_index.setdefault(index, {}).update(scored)
+        try:
+            scored = trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=label_ids))
+        except (ValueError, ZeroDivisionError):
+            continue
+        entry.update(denumpify_detensorize(scored))
     return [by_index[index] for index in sorted(by_index)]
 
 

@@ -216,7 +216,7 @@ def significantly_better(
     """Whether `scores` beat `others` (the same batches, in the same order) with `confidence`, by a one-sided paired
     t-test over the batches. Without two finite pairs there is no test, and the answer is yes: selection then acts
     on the mean alone, as it does with `confidence=0`."""
-    if scores is None or others is None or len(scores) != len(others):
+    if scores is None or others is None:
         return True
     sign = 1.0 if greater_is_better else -1.0
     gains = [sign * (a - b) for a, b in zip(scores, others, strict=True) if math.isfinite(a) and math.isfinite(b)]

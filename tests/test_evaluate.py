@@ -118,3 +118,20 @@ def test_evaluate_is_exact_for_a_causal_lm(tmp_path, num_processes):
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_evaluate_is_exact_for_a_classifier(tmp_path, num_processes):
     run_clan(check_evaluate, num_processes, str(tmp_path), "classifier")
+
+
+def test_a_metric_one_batch_cannot_define_leaves_that_batch_out_of_the_paired_test():
+    from types import SimpleNamespace
+
+    from clantune_hf.evaluation import _batch_metrics
+
+    def one_class_fails(prediction):
+        if len(set(prediction.label_ids.tolist())) < 2:
+            raise ValueError("Only one class present in y_true.")
+        return {"auc": 0.75}
+
+    trainer = SimpleNamespace(compute_metrics=one_class_fails)
+    logits = torch.zeros(4, 2)
+    outputs = [(0, logits, torch.tensor([0, 1, 0, 1])), (1, logits, torch.tensor([1, 1, 1, 1]))]
+    batches = _batch_metrics(trainer, [(0, 0.5), (1, 0.7)], outputs)
+    assert batches == [{"loss": 0.5, "auc": 0.75}, {"loss": 0.7}], "every batch keeps its place and its loss"
