@@ -117,6 +117,7 @@ VARIANTS: dict[str, dict] = {
     "no_resample": {"resample_probability": 0.0},
     "no_mirroring": {"mirrored_clones": False},
     "no_solo": {"solo_radius": 1.0},
+    "no_window_scaling": {"window_lr_scaling": False},
     "averaging": {"fitness_average_window": 0.5},
     "none": {
         "initial_spread": "local",
@@ -124,6 +125,7 @@ VARIANTS: dict[str, dict] = {
         "resample_probability": 0.0,
         "mirrored_clones": False,
         "solo_radius": 1.0,
+        "window_lr_scaling": False,
     },  # fmt: skip
     # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a
     # longer competitive window.

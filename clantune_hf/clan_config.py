@@ -38,6 +38,13 @@ class ClanConfig(TrainingArguments):
             shared gradient and applies its own. The farthest train alone, as long as two members share. A member
             far from the others moves its weights at another pace, so the mean of gradients taken at the others'
             weights would steer it (and its gradient them) the wrong way. In (0, 1]; `1.0` lets every member share.
+        window_lr_scaling (`bool`, *optional*, defaults to `True`):
+            In the competitive window a member's step averages one batch where, cooperating, it averaged the batches
+            of every member it shares with. With `True` its learning rate there is multiplied by
+            `sqrt(1 / members it shares with)` (the square-root rule for Adam-type optimizers), so its steps are no
+            noisier than the rest of the round's and members are ranked as they train. A member that trains alone
+            (`solo_radius`), or a clan that never cooperates (`duty_cycle=1.0`), keeps its rate. The learning-rate
+            gene, the history and the schedule keep the unscaled rate.
 
         > Parameters that control the genome
 
@@ -129,6 +136,13 @@ class ClanConfig(TrainingArguments):
         metadata={
             "help": "While cooperating, members whose optimizer genes lie farther than this fraction of a gene's "
             "bounds from the clan median train alone on their own gradient, in (0, 1]; 1 lets every member share."
+        },
+    )
+    window_lr_scaling: bool = field(
+        default=True,
+        metadata={
+            "help": "Scale a member's learning rate in the competitive window by sqrt(1 / members it shares with "
+            "while cooperating), so its window steps are no noisier than its cooperative ones."
         },
     )
 
@@ -315,8 +329,9 @@ class ClanConfig(TrainingArguments):
         for name, choices in (("initial_spread", SPREADS), ("step_size_control", STEP_SIZE_CONTROLS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
-        if not isinstance(self.mirrored_clones, bool):
-            raise ValueError(f"`mirrored_clones` must be True or False, got {self.mirrored_clones!r}.")
+        for name in ("mirrored_clones", "window_lr_scaling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.fitness_eval_samples is not None and self.fitness_eval_samples < 1:
             raise ValueError(f"`fitness_eval_samples` must be >= 1 or None, got {self.fitness_eval_samples}.")
         if self.ddp_broadcast_buffers:

@@ -84,11 +84,12 @@ class ClanTrainer(Trainer):
     A [`~transformers.Trainer`] whose processes are the members of a clan (see [`ClanConfig`]).
 
     Each process trains its own member (with `ranks_per_member=k`, each k processes an FSDP2-sharded one, see
-    members.py): its own weights, optimizer state and genome of hyperparameters. In the
-    cooperative steps of a round, gradients are all-reduced exactly as DDP does and each member applies the shared
-    gradient with its own optimizer genes; in the competitive steps every member trains on rank 0's batch without
-    gradient sync, with all its genes expressed. At the end of a round every member is evaluated on the whole
-    `eval_dataset` (its fitness), and the weakest are overwritten in memory by mutated clones of the strongest.
+    members.py): its own weights, optimizer state and genome of hyperparameters. In the cooperative steps of a round,
+    gradients are all-reduced exactly as DDP does and each member applies the shared gradient with its own optimizer
+    genes; in the competitive steps every member trains on rank 0's batch without gradient sync, with all its genes
+    expressed (its learning rate scaled for the smaller batch, see `window_lr_scaling`). At the end of a round every
+    member is evaluated on the whole `eval_dataset` (its fitness), and the weakest are overwritten in memory by
+    mutated clones of the strongest.
 
     After [`~ClanTrainer.train`], every rank holds the best member's weights, so `save_model`, `evaluate` and
     `push_to_hub` act on it. `output_dir/clan_history.jsonl` records every member in every round and
@@ -262,9 +263,9 @@ class ClanTrainer(Trainer):
         cooperative_steps = round(self.args.round_steps * (1 - self.args.duty_cycle))
         return step % self.args.round_steps >= cooperative_steps
 
-    def _express(self, competitive: bool) -> None:
+    def _express(self, competitive: bool, window: bool = True) -> None:
         """Make this member's model, optimizer and loss follow its genome; specialized genes take the consensus
-        while the clan cooperates."""
+        while the clan cooperates, and with `window` a competitive step's learning rate is scaled for its batch."""
         if self._expressed_phase is competitive:
             return
         values = {
@@ -274,11 +275,24 @@ class ClanTrainer(Trainer):
         if self._decay_groups is None:  # the optimizer exists from the first step on
             check_expressible(self, values)
             self._decay_groups = decay_groups(self)
-        express(self, values, self._schedule_base_lrs, self._decay_groups, self._custom)
+        solo = set() if self.args.solo_radius >= 1 else soloists(self.genomes, self.args.solo_radius)
+        self._sharing.alone = self.member in solo and not competitive
+        self._sharing.sharers = self.clan_size - (0 if competitive else len(solo))
+        expressed = dict(values)
+        if competitive and window and "learning_rate" in values:
+            expressed["learning_rate"] *= self._window_lr_factor(solo)
+        express(self, expressed, self._schedule_base_lrs, self._decay_groups, self._custom)
         self._expressed = values
         self._expressed_phase = competitive
-        solo = set() if competitive or self.args.solo_radius >= 1 else soloists(self.genomes, self.args.solo_radius)
-        self._sharing.alone, self._sharing.sharers = self.member in solo, self.clan_size - len(solo)
+
+    def _window_lr_factor(self, solo: set[int]) -> float:
+        """How much the competitive window scales this member's learning rate (`window_lr_scaling`): the square
+        root of the batches its step averages there (one) over those it averages while cooperating (one per member
+        it shares with; a soloist's, one as well)."""
+        cooperates = round(self.args.round_steps * (1 - self.args.duty_cycle)) > 0
+        if not self.args.window_lr_scaling or not cooperates or self.member in solo:
+            return 1.0
+        return math.sqrt(1 / (self.clan_size - len(solo)))
 
     # ---- Trainer hooks ----
 
@@ -632,7 +646,7 @@ class ClanTrainer(Trainer):
         broadcast_weights(self.model, self.layout.rank_of(best), self.layout.peer_group)
         self.genomes = [copy_genome(self.genomes[best]) for _ in range(self.clan_size)]
         self._expressed_phase = None
-        self._express(competitive=True)
+        self._express(competitive=True, window=False)  # the best member's genes as they are, for what follows
         self.label_smoother = self._user_label_smoother
         self.clan_schedule = build_schedule(
             self.clan_history,

@@ -32,6 +32,12 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
     if args.selection_confidence:
         confidence = f"{args.selection_confidence:.0%} confidence"
         gate = f", when the stronger beat it with {confidence} (a paired t-test over the eval batches)"
+    window = ""
+    if args.window_lr_scaling and 0 < cooperative < args.round_steps and "learning_rate" in trainer.genomes[0]:
+        window = (
+            " In the competitive steps a member that had shared its gradient with k members trained at its learning"
+            " rate times √(1/k), the square-root rule for one batch in place of k (`window_lr_scaling`)."
+        )
     if trainer.fitness_metric is None:
         fitness = "eval loss (lower is better)"
     else:
@@ -57,7 +63,7 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
         f" **{args.round_steps} steps** was cooperative (gradients shared as in DDP, each member applying them"
         f" with its own hyperparameters) for {cooperative} steps and competitive (members training alone on common"
         f" data) for {args.round_steps - cooperative} (**duty cycle {args.duty_cycle:g}**); then every member was"
-        f" ranked by its {fitness} and the weakest {replaced} of the strongest{gate}."
+        f" ranked by its {fitness} and the weakest {replaced} of the strongest{gate}.{window}"
         " These weights are the best member's at the end of training.",
         "",
         "## Genes",

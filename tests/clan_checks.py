@@ -163,6 +163,31 @@ def check_soloist(output_dir):
         assert not any(s["equals_local"] for s in trainer.steps)
 
 
+def check_window_learning_rate(output_dir, scaling):
+    """In the competitive window a member that shares while cooperating takes its gene's rate times sqrt(1 / the
+    members it shares with) (`window_lr_scaling`), a soloist its gene's rate; cooperative steps take the gene's rate.
+    With scaling off, every step takes the gene's rate."""
+    trainer = make_trainer(
+        output_dir, RecordingTrainer, duty_cycle=0.5, round_steps=4, max_steps=4, initial_spread="local",
+        genes=["learning_rate"], solo_radius=0.25, window_lr_scaling=scaling,
+    )  # fmt: skip
+    far = make_soloist(trainer) if trainer.clan_size > 2 else None
+    gene = trainer.genomes[trainer.member]["learning_rate"].value
+    trainer.steps = []
+    trainer.train()
+    cooperative = [s for s in trainer.steps if not s["competitive"]]
+    competitive = [s for s in trainer.steps if s["competitive"]]
+    assert [s["step"] for s in cooperative] == [0, 1] and [s["step"] for s in competitive] == [2, 3]
+    # The sharers are counted from what every rank did in its cooperative steps, not read from the trainer.
+    sharers = sum(not alone for alone in gather(cooperative[0]["alone"]))
+    assert sharers == trainer.clan_size - (far is not None)
+    factor = math.sqrt(1 / sharers) if scaling and trainer.member != far else 1.0
+    for s in trainer.steps[1:]:
+        expected = gene * trainer.lr_scheduler.lr_lambdas[0](s["step"]) * (factor if s["competitive"] else 1.0)
+        assert math.isclose(s["lr"][0], expected, rel_tol=1e-9), (s, expected)
+    assert all(r["genes"]["learning_rate"] == gene for r in trainer.clan_history if r["member"] == trainer.member)
+
+
 def check_competitive(output_dir):
     """Cooperative steps share gradients and express the consensus dropout; competitive steps train every member
     on rank 0's batch, without sync, with its own dropout."""
@@ -274,6 +299,8 @@ def check_final(output_dir):
     assert len(set(gather(digest(p for _, p in member_tensors(trainer.model))))) == 1, "ranks differ after train"
     assert trainer.clan_schedule["best_member"] == best["member"]
     assert trainer._member_fitness() == best["fitness"], "every rank now holds the best member"
+    # ... and expresses its learning rate as it is, unscaled by the competitive window the run ended in.
+    assert math.isclose(trainer.lr_scheduler.base_lrs[0], best["genes"]["learning_rate"], rel_tol=1e-9)
     trainer.save_model(output_dir)
     dist.barrier()
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir)

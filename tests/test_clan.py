@@ -24,6 +24,11 @@ def test_a_far_off_member_trains_alone_while_the_others_share(tmp_path):
     run_clan(clan_checks.check_soloist, 4, str(tmp_path))
 
 
+@pytest.mark.parametrize("num_processes, scaling", [(2, True), (4, True), (4, False)])
+def test_the_window_scales_a_sharing_members_learning_rate_by_the_square_root_rule(tmp_path, num_processes, scaling):
+    run_clan(clan_checks.check_window_learning_rate, num_processes, str(tmp_path), scaling)
+
+
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_selection_agrees_spares_the_best_and_ranks_nan_last(tmp_path, num_processes):
     run_clan(clan_checks.check_selection, num_processes, str(tmp_path))

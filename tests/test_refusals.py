@@ -41,6 +41,7 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"resample_probability": -0.1}, "resample_probability"),
         ({"resample_probability": "0.25"}, "resample_probability"),
         ({"mirrored_clones": "yes"}, "mirrored_clones"),
+        ({"window_lr_scaling": 1}, "window_lr_scaling"),
         ({"fitness_average_window": 1.5}, "fitness_average_window"),
         ({"fitness_average_window": float("nan")}, "fitness_average_window"),
         ({"cooldown_fraction": 1.5}, "cooldown_fraction"),
