@@ -259,9 +259,13 @@ class ClanTrainer(Trainer):
             genome[name] = build_gene(name, value, options)
         return genome
 
+    @property
+    def _cooperative_steps(self) -> int:
+        """The steps of each round in which the clan shares gradients; the rest are competitive."""
+        return round(self.args.round_steps * (1 - self.args.duty_cycle))
+
     def _is_competitive(self, step: int) -> bool:
-        cooperative_steps = round(self.args.round_steps * (1 - self.args.duty_cycle))
-        return step % self.args.round_steps >= cooperative_steps
+        return step % self.args.round_steps >= self._cooperative_steps
 
     def _express(self, competitive: bool, window: bool = True) -> None:
         """Make this member's model, optimizer and loss follow its genome; specialized genes take the consensus
@@ -289,8 +293,7 @@ class ClanTrainer(Trainer):
         """How much the competitive window scales this member's learning rate (`window_lr_scaling`): the square
         root of the batches its step averages there (one) over those it averages while cooperating (one per member
         it shares with; a soloist's, one as well)."""
-        cooperates = round(self.args.round_steps * (1 - self.args.duty_cycle)) > 0
-        if not self.args.window_lr_scaling or not cooperates or self.member in solo:
+        if not self.args.window_lr_scaling or not self._cooperative_steps or self.member in solo:
             return 1.0
         return math.sqrt(1 / (self.clan_size - len(solo)))
 
