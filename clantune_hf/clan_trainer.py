@@ -283,19 +283,22 @@ class ClanTrainer(Trainer):
         self._sharing.alone = self.member in solo and not competitive
         self._sharing.sharers = self.clan_size - (0 if competitive else len(solo))
         expressed = dict(values)
-        if competitive and window and "learning_rate" in values:
-            expressed["learning_rate"] *= self._window_lr_factor(solo)
+        if competitive and window and self._scales_window_lr and self.member not in solo:
+            # The square-root rule: one batch in the window where the cooperative steps averaged one per sharer.
+            expressed["learning_rate"] *= math.sqrt(1 / (self.clan_size - len(solo)))
         express(self, expressed, self._schedule_base_lrs, self._decay_groups, self._custom)
         self._expressed = values
         self._expressed_phase = competitive
 
-    def _window_lr_factor(self, solo: set[int]) -> float:
-        """How much the competitive window scales this member's learning rate (`window_lr_scaling`): the square
-        root of the batches its step averages there (one) over those it averages while cooperating (one per member
-        it shares with; a soloist's, one as well)."""
-        if not self.args.window_lr_scaling or not self._cooperative_steps or self.member in solo:
-            return 1.0
-        return math.sqrt(1 / (self.clan_size - len(solo)))
+    @property
+    def _scales_window_lr(self) -> bool:
+        """Whether the competitive window scales learning rates (`window_lr_scaling`): the rate is a gene, and a round
+        has both cooperative steps to match and competitive steps to scale. A soloist's rate never is."""
+        return (
+            self.args.window_lr_scaling
+            and 0 < self._cooperative_steps < self.args.round_steps
+            and "learning_rate" in self.base_genome
+        )
 
     # ---- Trainer hooks ----
 

@@ -33,7 +33,7 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
         confidence = f"{args.selection_confidence:.0%} confidence"
         gate = f", when the stronger beat it with {confidence} (a paired t-test over the eval batches)"
     window = ""
-    if args.window_lr_scaling and 0 < cooperative < args.round_steps and "learning_rate" in trainer.genomes[0]:
+    if trainer._scales_window_lr:
         window = (
             " In the competitive steps a member that had shared its gradient with k members trained at its learning"
             " rate times √(1/k), the square-root rule for one batch in place of k (`window_lr_scaling`)."
