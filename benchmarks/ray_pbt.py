@@ -8,7 +8,8 @@ method:
   `settings.round_steps` steps. Each report is a PBT perturbation point (`perturbation_interval=round_steps` on the
   trial's optimizer step).
 - PBT mutates the problem's clan genes (`problem.genes`) within the bounds the clan uses (`clantune_hf.genes`:
-  `default_bounds`, overridden per gene by `low`/`high`), log-uniform for log-scale genes, uniform for linear ones.
+  `default_bounds`, overridden per gene by `low`/`high`), log-uniform for log-scale genes, uniform for linear ones,
+  log-uniform from a thousandth of the high bound for log1p ones (weight decay).
   Ray's defaults otherwise (quantile_fraction 0.25, resample_probability 0.25, perturbation factors 1.2 and 0.8)
   but one: PBT runs synchronously (`_pbt`). In Ray's default asynchronous mode a trial that clones another jumps
   to the donor's step, ahead or behind its own, so the steps trained drift from P x steps (1125 and 1300 of 1200
@@ -89,7 +90,7 @@ def gene_space(problem, settings) -> tuple[dict, dict, dict]:
     from transformers import TrainingArguments
 
     from clantune_hf.dropout import mean_dropout
-    from clantune_hf.genes import build_gene, parse_gene_options
+    from clantune_hf.genes import LOG1P_FLOOR, build_gene, parse_gene_options
 
     fields, model_kwargs = _training_fields(problem, {}, settings)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
@@ -103,7 +104,10 @@ def gene_space(problem, settings) -> tuple[dict, dict, dict]:
             value = fields.get(name, defaults[name])
         gene = build_gene(name, float(value), options)
         start[name], bounds[name] = gene.value, (gene.low, gene.high)
-        space[name] = (tune.loguniform if gene.scale == "log" else tune.uniform)(gene.low, gene.high)
+        if gene.scale == "log1p":  # Ray has no log1p domain: log-uniform down to where the clan's scale turns linear
+            space[name] = tune.loguniform(max(gene.low, LOG1P_FLOOR * gene.high), gene.high)
+        else:
+            space[name] = (tune.loguniform if gene.scale == "log" else tune.uniform)(gene.low, gene.high)
     return start, bounds, space
 
 

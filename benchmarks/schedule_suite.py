@@ -43,8 +43,9 @@ default and oracle: 1 matches the tuned oracle, 0 is no better than the start (s
 (positive is worse; for accuracy the sign flips), and the bar there is harm <= 1%. The table shows mean ± sd over
 seeds. The proposal's bar is gap_closed >= 0.9 on 90% of problems.
 
-Ablations (`--variants`): each name in `VARIANTS` is the clan with some `ClanConfig` fields overridden, run at the
-same seeds and budget as `clan`; a second table gives every variant's gap_closed beside the full method's.
+Ablations (`--variants`): each name in `VARIANTS` is the clan with some `ClanConfig` fields (or, under `gene_options`,
+some genes' options) overridden, run at the same seeds and budget as `clan`; a second table gives every variant's
+gap_closed beside the full method's.
 
     pip install -e ".[bench-ray]"
     python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~23 min on 2 CPU cores
@@ -118,6 +119,8 @@ VARIANTS: dict[str, dict] = {
     "no_mirroring": {"mirrored_clones": False},
     "no_solo": {"solo_radius": 1.0},
     "no_window_scaling": {"window_lr_scaling": False},
+    # Not a ClanConfig field: per-gene options merged into the problem's genes (where it schedules that gene).
+    "linear_weight_decay": {"gene_options": {"weight_decay": {"scale": "linear"}}},
     "averaging": {"fitness_average_window": 0.5},
     "none": {
         "initial_spread": "local",
@@ -126,6 +129,7 @@ VARIANTS: dict[str, dict] = {
         "mirrored_clones": False,
         "solo_radius": 1.0,
         "window_lr_scaling": False,
+        "gene_options": {"weight_decay": {"scale": "linear"}},
     },  # fmt: skip
     # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a
     # longer competitive window.
@@ -490,6 +494,18 @@ def _training_fields(problem: Problem, overrides: dict, settings: Settings) -> t
     return fields, model_kwargs
 
 
+def _genes_field(genes: list[str] | dict[str, dict], options: dict[str, dict]) -> str | list[str]:
+    """The problem's genes as ClanConfig takes them, with a variant's per-gene `options` merged into the genes the
+    problem schedules."""
+    if not options:
+        return json.dumps(genes) if isinstance(genes, dict) else genes
+    merged = dict(genes) if isinstance(genes, dict) else {name: {} for name in genes}
+    for name, extra in options.items():
+        if name in merged:
+            merged[name] = {**merged[name], **extra}
+    return json.dumps(merged)
+
+
 def run_job(
     problem_name: str,
     method: str,
@@ -516,11 +532,12 @@ def run_job(
         # Members compete on the metric, as a user would set it up.
         common.update(metric_for_best_model=problem.metric_key, greater_is_better=problem.greater_is_better)
     if method in ("clan", "pbt"):
+        clan_overrides = dict(clan_overrides or {})
         clan_fields = dict(
             round_steps=settings.round_steps, duty_cycle=1.0 if method == "pbt" else settings.duty_cycle,
-            genes=json.dumps(problem.genes) if isinstance(problem.genes, dict) else problem.genes,
+            genes=_genes_field(problem.genes, clan_overrides.pop("gene_options", {})),
         )  # fmt: skip
-        clan_fields.update(clan_overrides or {})  # a variant may override any of them, the duty cycle too
+        clan_fields.update(clan_overrides)  # a variant may override any of them, the duty cycle too
         args = ClanConfig(**common, **fields, per_device_train_batch_size=settings.per_device_batch, **clan_fields)
         trainer = ClanTrainer(
             model=model, args=args, train_dataset=train, eval_dataset=val, compute_metrics=problem.compute_metrics

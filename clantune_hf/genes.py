@@ -17,14 +17,17 @@ from dataclasses import dataclass
 OPTIMIZER = "optimizer"  # changes how a gradient becomes an update: expressed per member in both phases
 SPECIALIZED = "specialized"  # changes the gradient itself: clan consensus when cooperating, own value when competing
 
-SCALES = ("log", "linear")
+# "log1p": logarithmic down to a thousandth of the high bound and near-linear below it, so 0 stays a reachable value
+# (weight decay: 1e-4, 1e-2 and 1 are equally far apart, and 0 is the usual setting).
+SCALES = ("log", "linear", "log1p")
+LOG1P_FLOOR = 1e-3  # where a log1p gene turns linear, as a fraction of its high bound
 KINDS = (OPTIMIZER, SPECIALIZED)
 CONSENSUS_RULES = ("mean", "median")  # how the clan agrees on a specialized gene's value while it cooperates
 
 
 @dataclass
 class Gene:
-    """One schedulable scalar. `mutation_scale` is a standard deviation in the gene's scale space (log or linear)."""
+    """One schedulable scalar. `mutation_scale` is a standard deviation in the gene's scale space (see `SCALES`)."""
 
     name: str
     value: float
@@ -37,9 +40,13 @@ class Gene:
     consensus: str = "mean"
 
     def to_space(self, x: float) -> float:
+        if self.scale == "log1p":
+            return math.log1p(x / (LOG1P_FLOOR * self.high))
         return math.log(x) if self.scale == "log" else x
 
     def from_space(self, y: float) -> float:
+        if self.scale == "log1p":
+            return math.expm1(y) * LOG1P_FLOOR * self.high
         return math.exp(y) if self.scale == "log" else y
 
     @property
@@ -82,7 +89,7 @@ _PROBABILITY = (0.0, 1.0, False, True)
 
 GENE_SPECS: dict[str, GeneSpec] = {
     "learning_rate": GeneSpec(OPTIMIZER, "log", _POSITIVE, "`learning_rate`"),
-    "weight_decay": GeneSpec(OPTIMIZER, "linear", _NON_NEGATIVE, "`weight_decay`"),
+    "weight_decay": GeneSpec(OPTIMIZER, "log1p", _NON_NEGATIVE, "`weight_decay`"),
     "adam_beta1": GeneSpec(OPTIMIZER, "linear", _PROBABILITY, "`adam_beta1`"),
     "adam_beta2": GeneSpec(OPTIMIZER, "linear", _PROBABILITY, "`adam_beta2`"),
     "adam_epsilon": GeneSpec(OPTIMIZER, "log", _POSITIVE, "`adam_epsilon`"),
@@ -100,7 +107,7 @@ CUSTOMIZABLE = ("low", "high", "scale", "mutation_scale", "consensus")
 # What a gene of the user's own declares besides those: its starting value, how it is applied, what it changes.
 CUSTOM = ("value", "expression", "kind", "integer")
 
-# Initial step size of a log-scale gene: exp(0.3) is a ~35% change per mutation.
+# Initial step size of a log-scale (or log1p) gene: exp(0.3) is a ~35% change per mutation.
 LOG_MUTATION_SCALE = 0.3
 # Initial step size of a linear gene, as a fraction of its bounds.
 LINEAR_MUTATION_FRACTION = 0.1
@@ -150,7 +157,7 @@ def gene_spec(name: str, options: dict) -> GeneSpec:
     if not is_custom(options):
         return GENE_SPECS[name]
     scale = options.get("scale", "linear")
-    domain = _POSITIVE if scale == "log" else (-math.inf, math.inf, True, True)
+    domain = {"log": _POSITIVE, "log1p": _NON_NEGATIVE}.get(scale, (-math.inf, math.inf, True, True))
     kind, integer = options.get("kind", SPECIALIZED), bool(options.get("integer", False))
     return GeneSpec(kind, scale, domain, f"`genes[{name!r}]['value']`", integer)
 
@@ -286,6 +293,6 @@ def build_gene(name: str, value: float, options: dict) -> Gene:
         low, high = float(math.ceil(low)), float(math.floor(high))
     consensus = options.get("consensus", "mean")
     gene = Gene(name, float(value), low, high, scale, 0.0, spec.kind, spec.integer, consensus)
-    default_step = LOG_MUTATION_SCALE if scale == "log" else LINEAR_MUTATION_FRACTION * gene.width
+    default_step = LOG_MUTATION_SCALE if scale in ("log", "log1p") else LINEAR_MUTATION_FRACTION * gene.width
     gene.mutation_scale = float(options.get("mutation_scale", max(default_step, gene.unit)))
     return gene

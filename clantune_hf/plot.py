@@ -11,7 +11,7 @@ import json
 import math
 import os
 
-from .genes import GENE_SPECS
+from .genes import GENE_SPECS, LOG1P_FLOOR
 from .history import SCHEDULE_NAME, best_lineage, read_history
 
 PLOT_NAME = "clan_history.png"
@@ -142,7 +142,11 @@ def plot_history(output_dir: str, path: str | None = None, greater_is_better: bo
             xs += [spans[r][0], spans[r][1]]
             ys += [value, value]
         ax.plot(xs, ys, **best_style)
-        if GENE_SPECS.get(name) is not None and GENE_SPECS[name].scale == "log":
+        scale = GENE_SPECS[name].scale if name in GENE_SPECS else None
+        if scale == "log1p":
+            top = max(abs(by_round[r][m]["genes"][name]) for r in rounds for m in by_round[r])
+            ax.set_yscale("symlog", linthresh=LOG1P_FLOOR * top if top > 0 else 1.0)  # 0 on the axis, decades above
+        if scale == "log":
             ax.set_yscale("log")
             values = [by_round[r][m]["genes"][name] for r in rounds for m in by_round[r]]
             narrow = math.log10(max(values) / min(values)) < 0.7  # less than a decade: label 1, 2, 3 ... 9 too

@@ -89,6 +89,7 @@ def set_aux(trainer, value):
         ({"aux": {"value": 0.5, "low": 0, "expression": set_aux}}, "needs ['high']"),
         ({"aux": {"value": 0.5, "low": 0, "high": 1, "expression": "aux", "kind": "loss"}}, "['kind']"),
         ({"aux": {"value": 0.5, "low": 0, "high": 1, "expression": "aux", "scale": "log"}}, "outside the valid"),
+        ({"aux": {"value": 0.5, "low": -1, "high": 1, "expression": "aux", "scale": "log1p"}}, "outside the valid"),
         ({"aux": {"value": 2, "low": 1.2, "high": 1.8, "expression": "aux", "integer": True}}, "fewer than two"),
         ({"aux": {"value": 2, "low": 1, "high": 4, "expression": "aux", "integer": "yes"}}, "True or False"),
         ({"aux": {"value": 2, "low": 1, "high": 4, "expression": "aux", "consensus": "mode"}}, "['consensus']"),
@@ -300,6 +301,25 @@ def test_a_narrower_spread_covers_its_part_of_the_bounds_around_the_start():
     # weight decay starts on its low bound: the covered half is shifted to stay inside, [0, half the bounds].
     wds = [g["weight_decay"].value for g in clan[1:]]
     assert all(0 <= wd <= base["weight_decay"].high / 2 + 1e-12 for wd in wds), wds
+
+
+def test_weight_decay_is_log1p_scaled_so_it_spreads_over_decades_and_reaches_zero():
+    gene = build_gene("weight_decay", 10.0, {"high": 20.0})
+    assert gene.scale == "log1p" and gene.low == 0.0 and gene.to_space(0.0) == 0.0
+    for x in (0.0, 1e-4, 0.02, 0.5, 10.0, 20.0):
+        assert gene.from_space(gene.to_space(x)) == pytest.approx(x, rel=1e-9, abs=1e-15)
+    # Well above a thousandth of the high bound, equal steps in scale space are equal ratios, as for a log gene.
+    decades = [gene.to_space(hi) - gene.to_space(hi / 10) for hi in (20.0, 2.0)]
+    assert decades[0] == pytest.approx(decades[1], rel=0.05), decades
+    # Started at 10, three members take one decade each: [0, 0.18], [0.18, 2], [2, 20]. A linear spread would put
+    # the lowest in [0, 6.7].
+    for seed in range(5):
+        values = sorted(g["weight_decay"].value for g in initial_clan({"weight_decay": gene}, 4, seed=seed)[1:])
+        assert values[0] < 0.2 < values[1] < 2.0 < values[2], values
+    # A member at 0 can mutate away from it, and stays in bounds.
+    at_zero = dataclasses.replace(gene, value=0.0)
+    moved = [mutate({"weight_decay": at_zero}, random.Random(seed))["weight_decay"].value for seed in range(20)]
+    assert all(0.0 <= v <= 20.0 for v in moved) and any(v > 0.0 for v in moved), moved
 
 
 def test_consensus_is_the_clan_mean():
