@@ -279,13 +279,14 @@ class ClanTrainer(Trainer):
         if self._decay_groups is None:  # the optimizer exists from the first step on
             check_expressible(self, values)
             self._decay_groups = decay_groups(self)
-        solo = set() if self.args.solo_radius >= 1 else soloists(self.genomes, self.args.solo_radius)
+        solo = soloists(self.genomes, self.args.solo_radius)
+        cooperating_sharers = self.clan_size - len(solo)
         self._sharing.alone = self.member in solo and not competitive
-        self._sharing.sharers = self.clan_size - (0 if competitive else len(solo))
+        self._sharing.sharers = self.clan_size if competitive else cooperating_sharers
         expressed = dict(values)
         if competitive and window and self._scales_window_lr and self.member not in solo:
             # The square-root rule: one batch in the window where the cooperative steps averaged one per sharer.
-            expressed["learning_rate"] *= math.sqrt(1 / (self.clan_size - len(solo)))
+            expressed["learning_rate"] *= math.sqrt(1 / cooperating_sharers)
         express(self, expressed, self._schedule_base_lrs, self._decay_groups, self._custom)
         self._expressed = values
         self._expressed_phase = competitive

@@ -154,7 +154,8 @@ def soloists(genomes: list[Genome], radius: float) -> set[int]:
     A member whose learning rate is far from the others' moves its weights at another pace, so the gradients the
     others take at their weights point it the wrong way (and its own, the others). Such a member neither adds to
     nor applies the shared gradient; the rest share among themselves. A spread clan often has a far-off member on
-    each side of the median, and both must leave for the members in between to share cleanly.
+    each side of the median, and both must leave for the members in between to share cleanly. Genes stay in their
+    bounds, so no member is farther than 1: `radius=1` leaves every member sharing.
     """
     distance = [0.0] * len(genomes)
     for name, gene in genomes[0].items():

@@ -142,13 +142,12 @@ def plot_history(output_dir: str, path: str | None = None, greater_is_better: bo
             xs += [spans[r][0], spans[r][1]]
             ys += [value, value]
         ax.plot(xs, ys, **best_style)
-        scale = GENE_SPECS[name].scale if name in GENE_SPECS else None
-        if scale == "log1p":
-            top = max(abs(by_round[r][m]["genes"][name]) for r in rounds for m in by_round[r])
-            ax.set_yscale("symlog", linthresh=LOG1P_FLOOR * top if top > 0 else 1.0)  # 0 on the axis, decades above
-        if scale == "log":
+        scale = GENE_SPECS[name].scale if name in GENE_SPECS else "linear"
+        values = [by_round[r][m]["genes"][name] for r in rounds for m in by_round[r]]
+        if scale == "log1p":  # 0 on the axis, decades above a thousandth of the largest value
+            ax.set_yscale("symlog", linthresh=LOG1P_FLOOR * max(values) or 1.0)
+        elif scale == "log":
             ax.set_yscale("log")
-            values = [by_round[r][m]["genes"][name] for r in rounds for m in by_round[r]]
             narrow = math.log10(max(values) / min(values)) < 0.7  # less than a decade: label 1, 2, 3 ... 9 too
             ax.yaxis.set_major_locator(LogLocator(subs=range(1, 10) if narrow else (1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
