@@ -119,6 +119,7 @@ VARIANTS: dict[str, dict] = {
     "no_mirroring": {"mirrored_clones": False},
     "no_solo": {"solo_radius": 1.0},
     "no_window_scaling": {"window_lr_scaling": False},
+    "no_cooldown": {"cooldown_fraction": 0.0},
     # Not a ClanConfig field: per-gene options merged into the problem's genes (where it schedules that gene).
     "linear_weight_decay": {"gene_options": {"weight_decay": {"scale": "linear"}}},
     "averaging": {"fitness_average_window": 0.5},
@@ -129,6 +130,7 @@ VARIANTS: dict[str, dict] = {
         "mirrored_clones": False,
         "solo_radius": 1.0,
         "window_lr_scaling": False,
+        "cooldown_fraction": 0.0,
         "gene_options": {"weight_decay": {"scale": "linear"}},
     },  # fmt: skip
     # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a
@@ -138,7 +140,6 @@ VARIANTS: dict[str, dict] = {
     # Where between the clan (duty 0.15) and plain PBT (duty 1.0) a problem changes behaviour.
     "duty_0.5": {"duty_cycle": 0.5},
     "duty_0.8": {"duty_cycle": 0.8},
-    "cooldown": {"cooldown_fraction": 0.2},
     "spread_half": {"initial_spread_width": 0.5},
     "solo_0.15": {"solo_radius": 0.15},
     # Cloning gated on a paired test over the eval batches.

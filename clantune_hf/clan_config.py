@@ -13,6 +13,12 @@ from transformers import TrainingArguments
 from .genes import DEFAULT_GENES, build_gene, describe_expressions, is_custom, parse_gene_options
 from .genetics import SPREADS, STEP_SIZE_CONTROLS
 
+# The last fifth of a run cools down by default: on the benchmark suite it helps the problems that start at a
+# constant learning rate and is neutral elsewhere (docs/search.md).
+DEFAULT_COOLDOWN_FRACTION = 0.2
+# Schedules with a decay phase of their own, or that are not per-step factors `with_cooldown` can multiply.
+SCHEDULES_WITHOUT_COOLDOWN = ("warmup_stable_decay", "reduce_lr_on_plateau", "greedy")
+
 
 @dataclass
 class ClanConfig(TrainingArguments):
@@ -93,10 +99,12 @@ class ClanConfig(TrainingArguments):
             large learning rate is judged nearer where it will settle). Costs one copy of the trainable weights and
             one fused update per averaged step; on the benchmark suite it was neutral, so it is off by default.
             `0` ranks the last weights. The final evaluation always ranks the weights as they are.
-        cooldown_fraction (`float`, *optional*, defaults to `0.0`):
+        cooldown_fraction (`float`, *optional*):
             Fraction of the run, at its end, over which every member's learning rate decays linearly to 0 on top of
             the `lr_scheduler_type` shape (a warmup-stable-decay run with the learning-rate gene as its level). The
             rounds in the cooldown rank members by their annealed weights. `0` keeps the scheduler's shape as is.
+            Defaults to `0.2`, or to `0` where the schedule has a decay phase of its own (`warmup_stable_decay`) or
+            is not a per-step factor a cooldown can multiply (`reduce_lr_on_plateau`, `greedy`).
         fitness_eval_samples (`int` or `None`, *optional*, defaults to `None`):
             Evaluate each member's fitness on the first this many samples of `eval_dataset` instead of all of it.
 
@@ -206,11 +214,12 @@ class ClanConfig(TrainingArguments):
             "[0, 1]; 0 ranks the last weights."
         },
     )
-    cooldown_fraction: float = field(
-        default=0.0,
+    cooldown_fraction: float | None = field(
+        default=None,
         metadata={
             "help": "Fraction of the run, at its end, over which every learning rate decays linearly to 0 on top of "
-            "the scheduler's shape, in [0, 1]; 0 keeps the shape as is."
+            "the scheduler's shape, in [0, 1]; 0 keeps the shape as is. Default: 0.2 (0 for warmup_stable_decay, "
+            "reduce_lr_on_plateau and greedy)."
         },
     )
     fitness_eval_samples: int | None = field(
@@ -270,6 +279,9 @@ class ClanConfig(TrainingArguments):
         if (self.use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU")) and not dist.is_initialized():
             PartialState(cpu=True, backend=self.ddp_backend, timeout=timedelta(seconds=self.ddp_timeout))
         super().__post_init__()
+        if self.cooldown_fraction is None:
+            own_decay = self.lr_scheduler_type.value in SCHEDULES_WITHOUT_COOLDOWN
+            self.cooldown_fraction = 0.0 if own_decay else DEFAULT_COOLDOWN_FRACTION
         if self.mixed_precision == "fp16":  # from the accelerate config (ACCELERATE_MIXED_PRECISION)
             raise ValueError(
                 "`fp16` (here from the accelerate config's mixed_precision) scales the loss and skips steps on "

@@ -239,3 +239,18 @@ def test_ray_pbt_tiny(tmp_path):
     assert result["curve"] and result["curve"][-1][0] == settings.steps, result["curve"]
     assert len(result["lr_schedule"]) == settings.steps
     assert set(result["hyperparameters"]) == {"learning_rate", "weight_decay", "dropout"}
+
+
+def test_fixed_members_tiny(tmp_path):
+    """The fixed-rate clan keeps every member at the rate it was given and records every round without selecting."""
+    out = tmp_path / "fixed"
+    stdout = run_script(
+        "fixed_members.py", "--tiny", "--problem", "lm_lr_low", "--learning-rates", "0.03,0.001", "--out", str(out)
+    )
+    with open(out / "clan_history.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert {r["round"] for r in records} == {0, 1}  # 8 steps in rounds of 4: one selection point, then the final
+    assert all(r["parent"] is None for r in records), "nothing is cloned"
+    for record in records:
+        assert record["genes"]["learning_rate"] == [0.03, 0.001][record["member"]]
+    assert "member 0 (0.03)" in stdout and "final model" in stdout

@@ -25,6 +25,17 @@ def test_defaults(tmp_path):
     assert args.window_lr_scaling is True
 
 
+def test_the_run_cools_down_unless_its_schedule_has_a_decay_phase_of_its_own(tmp_path):
+    assert config(tmp_path).cooldown_fraction == 0.2
+    assert config(tmp_path, lr_scheduler_type="constant").cooldown_fraction == 0.2
+    wsd = config(tmp_path, lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs={"num_decay_steps": 5})
+    assert wsd.cooldown_fraction == 0.0
+    assert config(tmp_path, cooldown_fraction=0.0).cooldown_fraction == 0.0  # an explicit value is kept
+    assert config(tmp_path, cooldown_fraction=0.5).cooldown_fraction == 0.5
+    # The resolved value round-trips: a config rebuilt from to_dict() cools down the same way.
+    assert ClanConfig(**config(tmp_path).to_dict()).cooldown_fraction == 0.2
+
+
 def test_the_contract_example(tmp_path):
     args = config(tmp_path, round_steps=15, duty_cycle=0.2, max_steps=90, learning_rate=3e-4,
                   genes=["learning_rate", "weight_decay", "adam_beta2", "max_grad_norm"],
