@@ -10,6 +10,10 @@ members at other rates costs it:
     python benchmarks/fixed_members.py --problem well_tuned --learning-rates 0.03,0.03,0.03,0.03
     python benchmarks/fixed_members.py --problem well_tuned --learning-rates 0.03,0.01,0.01,0.01
     python benchmarks/fixed_members.py --problem well_tuned --learning-rates 0.03,0.01,0.01,0.01 --solo-radius 0.1
+    python benchmarks/fixed_members.py --problem well_tuned --learning-rates 0.03,0.03,0.01,0.01 --resync
+
+With `--resync` every member takes member 0's weights and optimizer state at each round's end, so each round's
+fitness measures one round of training from the same point: what a selection compares right after cloning.
 
 The problems, budgets and data are `schedule_suite.py`'s (`--quick` budget unless `--full`; `--tiny` checks the
 script); the clan's genes are the learning rate alone. Writes DIR/clan_history.jsonl and DIR/result.json.
@@ -24,6 +28,7 @@ import os
 from schedule_suite import PROBLEMS, SUITES, Settings, _run, problem_settings
 
 import clantune_hf
+from clantune_hf.exchange import recv_member, send_member
 
 
 class FixedMembersTrainer(clantune_hf.ClanTrainer):
@@ -31,6 +36,7 @@ class FixedMembersTrainer(clantune_hf.ClanTrainer):
     is selected or mutated."""
 
     learning_rates: list[float] = []
+    resync: bool = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -41,6 +47,12 @@ class FixedMembersTrainer(clantune_hf.ClanTrainer):
 
     def _end_round(self) -> None:
         self._record_round(self._gather_fitness(), {})
+        if self.resync:
+            for dst in range(1, self.clan_size):  # every rank walks the same order; only the pair takes part
+                if self.member == 0:
+                    send_member(self.model, self.optimizer, self.layout.rank_of(dst))
+                elif self.member == dst:
+                    recv_member(self.model, self.optimizer, self.layout.rank_of(0))
         self._expressed_phase = None
 
 
@@ -53,6 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="A few steps: checks the script, not numbers.")
     parser.add_argument("--duty-cycle", type=float, default=None, help="Override the suite's duty cycle.")
     parser.add_argument("--solo-radius", type=float, default=None, help="Override solo_radius.")
+    parser.add_argument(
+        "--resync", action="store_true", help="Members take member 0's weights and optimizer at each round's end."
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -69,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["solo_radius"] = args.solo_radius
     # The runs fork from this process and build `clantune_hf.ClanTrainer`: make that the fixed clan.
     FixedMembersTrainer.learning_rates = rates
+    FixedMembersTrainer.resync = args.resync
     clantune_hf.ClanTrainer = FixedMembersTrainer
     result = _run(args.problem, "clan", {}, settings, out, overrides)
     if result.get("status") != "ok":

@@ -45,16 +45,19 @@ seeds. The proposal's bar is gap_closed >= 0.9 on 90% of problems.
 
 Ablations (`--variants`): each name in `VARIANTS` is the clan with some `ClanConfig` fields (or, under `gene_options`,
 some genes' options) overridden, run at the same seeds and budget as `clan`; a second table gives every variant's
-gap_closed beside the full method's.
+gap_closed beside the full method's. A variant that only changes genes a problem does not schedule is not run there.
+`--reference DIR/results.json` takes the methods that `--methods` leaves out from an earlier run of the same suite
+(the clan's runs are deterministic per seed, so its numbers are what a new run would give), so an ablation can run
+only its variants: `--methods none --variants ... --reference bench_out/quick/results.json`.
 
     pip install -e ".[bench-ray]"
-    python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~23 min on 2 CPU cores
+    python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~28 min on 2 CPU cores
     python benchmarks/schedule_suite.py --out bench_out/full               # 1 seed
     python benchmarks/schedule_suite.py --quick --seeds 0,1 --methods default,clan,oracle --variants all \
         --out bench_out/ablation
     python benchmarks/schedule_suite.py --quick --problems lm_lr_low,well_tuned --seeds 0,1 --out bench_out/some
 
-On 2 CPU cores --quick takes ~23 min in all (1,399 s measured): per problem ~1.5 min for everything, pbt_ray
+On 2 CPU cores --quick takes ~28 min in all (1,648 s measured): per problem ~1.5 min for everything, pbt_ray
 ~20-45 s of it. `--ray-problems a,b` limits pbt_ray to some problems.
 
 Writes DIR/results.json (every seed's result), DIR/table.md (the tables printed at the end), DIR/<problem>.png
@@ -685,7 +688,10 @@ def run_problem(
     seeds: tuple[int, ...] = (0,),
     ray_seeds: tuple[int, ...] = (0,),
     variants: tuple[str, ...] = (),
+    reference: dict | None = None,
 ) -> dict:
+    """Every method and variant on one problem, scored. `reference`: this problem's results from an earlier run of the
+    same suite; the methods it holds that `methods` leaves out are taken from it (for scoring and the tables)."""
     settings = problem_settings(problem, settings)
     runs = os.path.join(out, "runs", problem.name)
     if problem.setup is not None:
@@ -728,10 +734,21 @@ def run_problem(
             results[method] = _run(problem.name, method, {}, base, f"{runs}/{method}")
             bar.update(1)
     variant_runs: dict[str, dict[str, dict]] = {}
+    skipped: dict[str, dict] = {}
     for name in variants:
+        options = VARIANTS[name].get("gene_options", {})
+        if options and not set(options) & set(problem.genes):
+            # The variant only changes genes this problem does not schedule: it would repeat the clan's runs.
+            skipped[name] = {"overrides": VARIANTS[name], "status": f"not run: no {', '.join(options)} gene here"}
+            bar.update(len(seeds))
+            continue
         variant_runs[name] = seeded("clan", seeds, f"variant_{name}", VARIANTS[name])
 
-    # Every seed of every method is measured against the same seed-0 default and oracle.
+    # Every seed of every method is measured against the same seed-0 default and oracle. A method taken from the
+    # reference was scored against them when it ran.
+    for method, result in (reference or {}).get("methods", {}).items():
+        if method not in methods:
+            results[method] = result
     default = results.get("default", {}).get("fitness")
     oracle = results.get("oracle", {}).get("fitness")
 
@@ -743,14 +760,16 @@ def run_problem(
         result["harm"] = harm(default, result["fitness"], problem.greater_is_better)
         return result
 
-    for result in results.values():
-        score(result)
+    for method, result in results.items():
+        if method in methods:
+            score(result)
     for method, per_seed in seeded_runs.items():
         results[method] = _aggregate({seed: score(result) for seed, result in per_seed.items()})
-    results = {method: results[method] for method in methods}
+    results = {method: results[method] for method in METHODS if method in results}
     variant_results = {
-        name: {"overrides": VARIANTS[name], **_aggregate({seed: score(result) for seed, result in per_seed.items()})}
-        for name, per_seed in variant_runs.items()
+        name: skipped.get(name)
+        or {"overrides": VARIANTS[name], **_aggregate({seed: score(r) for seed, r in variant_runs[name].items()})}
+        for name in variants
     }
     return {
         "mis_set": problem.mis_set,
@@ -1024,6 +1043,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--variants", default="", help=f"Comma-separated ablations of the clan, or 'all': {', '.join(VARIANTS)}."
     )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="results.json of an earlier run of the same suite: the methods it holds that --methods leaves out "
+        "(e.g. default and oracle, deterministic seed-0 runs) are taken from it, so variants of the clan are scored "
+        "against the same references without running them again.",
+    )
     args = parser.parse_args(argv)
 
     suite = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -1042,6 +1068,14 @@ def main(argv: list[str] | None = None) -> dict:
         settings = dataclasses.replace(settings, num_processes=args.num_processes)
     problems = [PROBLEMS[name] for name in args.problems.split(",")]
     methods = [m for m in METHODS if m in args.methods.split(",")]
+    reference = {}
+    if args.reference:
+        with open(args.reference) as f:
+            reference = json.load(f)
+        same = ("steps", "round_steps", "num_processes", "per_device_batch", "duty_cycle", "data_scale", "grid")
+        mismatched = [k for k in same if reference["settings"].get(k) != getattr(settings, k)]
+        if mismatched:
+            parser.error(f"--reference was run with other settings ({', '.join(mismatched)}); use one of this suite.")
     if os.path.isdir(os.path.join(args.out, "runs")):
         shutil.rmtree(os.path.join(args.out, "runs"))
     os.makedirs(settings.cache_dir, exist_ok=True)
@@ -1076,6 +1110,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["problems"][problem.name] = run_problem(
                 problem, settings, methods, args.out, bar, seeds=seeds, variants=variants,
                 ray_seeds=ray_seeds if problem.name in ray_problems else (),
+                reference=reference.get("problems", {}).get(problem.name),
             )  # fmt: skip
             results["wall_s"] = time.perf_counter() - start
             if variants:

@@ -254,3 +254,47 @@ def test_fixed_members_tiny(tmp_path):
     for record in records:
         assert record["genes"]["learning_rate"] == [0.03, 0.001][record["member"]]
     assert "member 0 (0.03)" in stdout and "final model" in stdout
+
+
+def test_fixed_members_resync_restarts_every_round_from_member_0(tmp_path):
+    """With --resync a member's first round is its own, and every later one starts from member 0's weights."""
+    fitness = {}
+    for flag in ([], ["--resync"]):
+        out = tmp_path / ("resync" if flag else "plain")
+        run_script("fixed_members.py", "--tiny", "--problem", "lm_lr_low", "--learning-rates", "0.03,0.001",
+                   "--out", str(out), *flag)  # fmt: skip
+        with open(out / "clan_history.jsonl") as f:
+            fitness[bool(flag)] = {(r["round"], r["member"]): r["fitness"] for r in map(json.loads, f)}
+    assert fitness[True][0, 1] == fitness[False][0, 1], "the first round trains from the same start either way"
+    assert fitness[True][1, 1] != fitness[False][1, 1], "member 1's last round started from member 0's weights"
+
+
+def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
+    """--reference takes the methods --methods leaves out from an earlier run, and scores variants against them; a
+    variant that only changes genes a problem does not schedule is not run there; a reference from another budget is
+    refused."""
+    ref, out = tmp_path / "ref", tmp_path / "variants"
+    problems = "lm_lr_low,lm_lr_high"
+    run_script("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "default,oracle", "--out", str(ref))
+    run_script("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "none", "--variants",
+               "linear_weight_decay", "--reference", str(ref / "results.json"), "--out", str(out))  # fmt: skip
+    with open(ref / "results.json") as f:
+        reference = json.load(f)
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    for name in problems.split(","):
+        methods = results["problems"][name]["methods"]
+        assert list(methods) == ["default", "oracle"], methods.keys()
+        for method in methods:
+            assert methods[method]["fitness"] == reference["problems"][name]["methods"][method]["fitness"]
+        assert not (out / "runs" / name / "default").exists(), "taken from the reference, not run again"
+    applied = results["problems"]["lm_lr_low"]["variants"]["linear_weight_decay"]
+    assert applied["status"] == "ok" and applied["seeds"] == [0] and "gap_closed" in applied["per_seed"]["0"]
+    skipped = results["problems"]["lm_lr_high"]["variants"]["linear_weight_decay"]
+    assert skipped["status"].startswith("not run") and "weight_decay" in skipped["status"]
+    assert not (out / "runs" / "lm_lr_high" / "variant_linear_weight_decay").exists()
+
+    bad = ["--quick", "--problems", "lm_lr_low", "--methods", "none", "--reference", str(ref / "results.json")]
+    command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, "--out", str(tmp_path / "bad")]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--reference was run with other settings" in refused.stderr
