@@ -28,7 +28,6 @@ import os
 from schedule_suite import PROBLEMS, SUITES, Settings, _run, problem_settings
 
 import clantune_hf
-from clantune_hf.exchange import recv_member, send_member
 
 
 class FixedMembersTrainer(clantune_hf.ClanTrainer):
@@ -48,11 +47,7 @@ class FixedMembersTrainer(clantune_hf.ClanTrainer):
     def _end_round(self) -> None:
         self._record_round(self._gather_fitness(), {})
         if self.resync:
-            for dst in range(1, self.clan_size):  # every rank walks the same order; only the pair takes part
-                if self.member == 0:
-                    send_member(self.model, self.optimizer, self.layout.rank_of(dst))
-                elif self.member == dst:
-                    recv_member(self.model, self.optimizer, self.layout.rank_of(0))
+            self._copy_members({dst: 0 for dst in range(1, self.clan_size)})
         self._expressed_phase = None
 
 

@@ -1072,8 +1072,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.reference:
         with open(args.reference) as f:
             reference = json.load(f)
-        same = ("steps", "round_steps", "num_processes", "per_device_batch", "duty_cycle", "data_scale", "grid")
-        mismatched = [k for k in same if reference["settings"].get(k) != getattr(settings, k)]
+        budget = [f.name for f in dataclasses.fields(Settings) if f.name not in ("seed", "cache_dir")]
+        mismatched = [k for k in budget if reference["settings"].get(k) != getattr(settings, k)]
         if mismatched:
             parser.error(f"--reference was run with other settings ({', '.join(mismatched)}); use one of this suite.")
     if os.path.isdir(os.path.join(args.out, "runs")):

@@ -635,15 +635,19 @@ class ClanTrainer(Trainer):
             confidence=confidence,
         )
         self._record_round(fitness, plan)
+        self._copy_members(plan)
+        self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)
+        self._expressed_phase = None
+        self._diverged = False
+
+    def _copy_members(self, plan: dict[int, int]) -> None:
+        """Overwrite each member `dst` of a {dst: src} plan with member `src`'s weights and optimizer state."""
         for dst, src in sorted(plan.items()):
             # Only the two ranks of a pair take part; every rank walks the same plan in the same order.
             if self.member == src:
                 send_member(self.model, self.optimizer, self.layout.rank_of(dst))
             elif self.member == dst:
                 recv_member(self.model, self.optimizer, self.layout.rank_of(src))
-        self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)
-        self._expressed_phase = None
-        self._diverged = False
 
     def _final_round(self) -> None:
         """The final evaluation: record it, then every rank takes the best member's weights and genes."""
