@@ -46,9 +46,10 @@ seeds. The proposal's bar is gap_closed >= 0.9 on 90% of problems.
 Ablations (`--variants`): each name in `VARIANTS` is the clan with some `ClanConfig` fields (or, under `gene_options`,
 some genes' options) overridden, run at the same seeds and budget as `clan`; a second table gives every variant's
 gap_closed beside the full method's. A variant that only changes genes a problem does not schedule is not run there.
-`--reference DIR/results.json` takes the methods that `--methods` leaves out from an earlier run of the same suite
-(the clan's runs are deterministic per seed, so its numbers are what a new run would give), so an ablation can run
-only its variants: `--methods none --variants ... --reference bench_out/quick/results.json`.
+`--reference DIR/results.json` takes the methods that `--methods` leaves out, and the variants that `--variants`
+leaves out, from an earlier run of the same suite (the clan's runs are deterministic per seed, so its numbers are
+what a new run would give), so an ablation can run only its variants: `--methods none --variants ... --reference
+bench_out/quick/results.json`, and one variant can be run again (or added) with the rest kept.
 
     pip install -e ".[bench-ray]"
     python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~28 min on 2 CPU cores
@@ -737,18 +738,19 @@ def run_problem(
     skipped: dict[str, dict] = {}
     for name in variants:
         options = VARIANTS[name].get("gene_options", {})
-        if options and not set(options) & set(problem.genes):
+        if set(VARIANTS[name]) == {"gene_options"} and not set(options) & set(problem.genes):
             # The variant only changes genes this problem does not schedule: it would repeat the clan's runs.
             skipped[name] = {"overrides": VARIANTS[name], "status": f"not run: no {', '.join(options)} gene here"}
             bar.update(len(seeds))
             continue
         variant_runs[name] = seeded("clan", seeds, f"variant_{name}", VARIANTS[name])
 
-    # Every seed of every method is measured against the same seed-0 default and oracle. A method taken from the
-    # reference was scored against them when it ran.
+    # Every seed of every method is measured against the same seed-0 default and oracle. A method or variant taken
+    # from the reference was scored against them when it ran.
     for method, result in (reference or {}).get("methods", {}).items():
         if method not in methods:
             results[method] = result
+    kept = {name: r for name, r in (reference or {}).get("variants", {}).items() if name not in variants}
     default = results.get("default", {}).get("fitness")
     oracle = results.get("oracle", {}).get("fitness")
 
@@ -771,6 +773,9 @@ def run_problem(
         or {"overrides": VARIANTS[name], **_aggregate({seed: score(r) for seed, r in variant_runs[name].items()})}
         for name in variants
     }
+    # The reference's variants keep their columns' order; a variant run again replaces its own.
+    variant_results = {**kept, **variant_results}
+    variant_results = {name: variant_results[name] for name in [*kept, *variants] if name in variant_results}
     return {
         "mis_set": problem.mis_set,
         "metric": problem.metric,
@@ -940,7 +945,8 @@ def ablation_table(results: dict) -> str:
     columns = ["clan", *variants]
     lines = [
         "gap_closed, mean ± sd over seeds (harm on a do-no-harm problem); each variant is the clan with these "
-        "ClanConfig overrides: " + "; ".join(f"{v} = {json.dumps(VARIANTS.get(v, {}))}" for v in variants),
+        "ClanConfig overrides: "
+        + "; ".join(f"{v} = {json.dumps(results.get('variants', {}).get(v, VARIANTS.get(v, {})))}" for v in variants),
         "",
         "| problem | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -1047,8 +1053,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--reference",
         default=None,
         help="results.json of an earlier run of the same suite: the methods it holds that --methods leaves out "
-        "(e.g. default and oracle, deterministic seed-0 runs) are taken from it, so variants of the clan are scored "
-        "against the same references without running them again.",
+        "(e.g. default and oracle, deterministic seed-0 runs) and the variants it holds that --variants leaves out "
+        "are taken from it, so variants of the clan are scored against the same references without running them "
+        "again.",
     )
     args = parser.parse_args(argv)
 
@@ -1100,7 +1107,8 @@ def main(argv: list[str] | None = None) -> dict:
             "ray_seeds": list(ray_seeds),
             "ray_problems": [p.name for p in problems if p.name in ray_problems],
         },
-        "variants": {name: VARIANTS[name] for name in variants},
+        # The reference's variants come along (their order kept), with the ones this run adds or runs again.
+        "variants": {**reference.get("variants", {}), **{name: VARIANTS[name] for name in variants}},
         "machine": f"{cpu_cores()} CPU cores, torch {torch.__version__}",
         "problems": {},
     }
@@ -1113,13 +1121,13 @@ def main(argv: list[str] | None = None) -> dict:
                 reference=reference.get("problems", {}).get(problem.name),
             )  # fmt: skip
             results["wall_s"] = time.perf_counter() - start
-            if variants:
+            if results["variants"]:
                 results["ablation"] = ablation_rows(results)
             write_json(os.path.join(args.out, "results.json"), results)
             png = os.path.join(args.out, f"{problem.name}.png")
             plot_problem(problem.name, results["problems"][problem.name], png)
     table = markdown_table(results)
-    if variants:
+    if results["variants"]:
         table += "\n\n## Ablations\n\n" + ablation_table(results)
     own = resource.getrusage(resource.RUSAGE_SELF)
     results["cpu_s"] = _children_cpu_s() + own.ru_utime + own.ru_stime

@@ -270,9 +270,9 @@ def test_fixed_members_resync_restarts_every_round_from_member_0(tmp_path):
 
 
 def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
-    """--reference takes the methods --methods leaves out from an earlier run, and scores variants against them; a
-    variant that only changes genes a problem does not schedule is not run there; a reference from another budget is
-    refused."""
+    """--reference takes the methods --methods (and the variants --variants) leaves out from an earlier run, and
+    scores variants against them; a variant that only changes genes a problem does not schedule is not run there; a
+    reference from another budget is refused."""
     ref, out = tmp_path / "ref", tmp_path / "variants"
     problems = "lm_lr_low,lm_lr_high"
     run_script("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "default,oracle", "--out", str(ref))
@@ -293,6 +293,21 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     skipped = results["problems"]["lm_lr_high"]["variants"]["linear_weight_decay"]
     assert skipped["status"].startswith("not run") and "weight_decay" in skipped["status"]
     assert not (out / "runs" / "lm_lr_high" / "variant_linear_weight_decay").exists()
+
+    # Variants the new run leaves out come from the reference; `none` changes more than a gene's options, so it runs
+    # on a problem without weight decay too.
+    again = tmp_path / "again"
+    run_script("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "none", "--variants", "none",
+               "--reference", str(out / "results.json"), "--out", str(again))  # fmt: skip
+    with open(again / "results.json") as f:
+        merged = json.load(f)
+    assert list(merged["variants"]) == ["linear_weight_decay", "none"]
+    for name in problems.split(","):
+        variants = merged["problems"][name]["variants"]
+        assert variants["linear_weight_decay"] == results["problems"][name]["variants"]["linear_weight_decay"]
+        assert variants["none"]["status"] == "ok", variants["none"]
+    with open(again / "table.md") as f:
+        assert "| clan | linear_weight_decay | none |" in f.read()
 
     bad = ["--quick", "--problems", "lm_lr_low", "--methods", "none", "--reference", str(ref / "results.json")]
     command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, "--out", str(tmp_path / "bad")]
