@@ -773,9 +773,8 @@ def run_problem(
         or {"overrides": VARIANTS[name], **_aggregate({seed: score(r) for seed, r in variant_runs[name].items()})}
         for name in variants
     }
-    # The reference's variants keep their columns' order; a variant run again replaces its own.
+    # The reference's variants come first, in their order; one this run runs again is this run's.
     variant_results = {**kept, **variant_results}
-    variant_results = {name: variant_results[name] for name in [*kept, *variants] if name in variant_results}
     return {
         "mis_set": problem.mis_set,
         "metric": problem.metric,
