@@ -692,7 +692,7 @@ def run_problem(
     reference: dict | None = None,
 ) -> dict:
     """Every method and variant on one problem, scored. `reference`: this problem's results from an earlier run of the
-    same suite; the methods it holds that `methods` leaves out are taken from it (for scoring and the tables)."""
+    same suite; the methods and variants it holds that `methods` and `variants` leave out are taken from it."""
     settings = problem_settings(problem, settings)
     runs = os.path.join(out, "runs", problem.name)
     if problem.setup is not None:
@@ -942,10 +942,10 @@ def ablation_table(results: dict) -> str:
     problems = results["problems"]
     variants = list(dict.fromkeys(v for p in problems.values() for v in p.get("variants", {})))
     columns = ["clan", *variants]
+    overrides = results.get("variants", {})  # as run (a variant taken from a reference: as it ran there)
     lines = [
         "gap_closed, mean ± sd over seeds (harm on a do-no-harm problem); each variant is the clan with these "
-        "ClanConfig overrides: "
-        + "; ".join(f"{v} = {json.dumps(results.get('variants', {}).get(v, VARIANTS.get(v, {})))}" for v in variants),
+        "ClanConfig overrides: " + "; ".join(f"{v} = {json.dumps(overrides.get(v, {}))}" for v in variants),
         "",
         "| problem | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -1101,13 +1101,17 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "suite": suite,
         "settings": {
-            **dataclasses.asdict(settings),
+            # cache_dir is this run's scratch folder (a path of this machine), not part of the budget.
+            **{k: v for k, v in dataclasses.asdict(settings).items() if k != "cache_dir"},
             "seeds": list(seeds),
             "ray_seeds": list(ray_seeds),
             "ray_problems": [p.name for p in problems if p.name in ray_problems],
         },
-        # The reference's variants come along (their order kept), with the ones this run adds or runs again.
-        "variants": {**reference.get("variants", {}), **{name: VARIANTS[name] for name in variants}},
+        # As in each problem's results: the reference's variants that this run leaves out, then this run's.
+        "variants": {
+            **{name: v for name, v in reference.get("variants", {}).items() if name not in variants},
+            **{name: VARIANTS[name] for name in variants},
+        },
         "machine": f"{cpu_cores()} CPU cores, torch {torch.__version__}",
         "problems": {},
     }
