@@ -750,7 +750,6 @@ def run_problem(
     for method, result in (reference or {}).get("methods", {}).items():
         if method not in methods:
             results[method] = result
-    kept = {name: r for name, r in (reference or {}).get("variants", {}).items() if name not in variants}
     default = results.get("default", {}).get("fitness")
     oracle = results.get("oracle", {}).get("fitness")
 
@@ -768,13 +767,14 @@ def run_problem(
     for method, per_seed in seeded_runs.items():
         results[method] = _aggregate({seed: score(result) for seed, result in per_seed.items()})
     results = {method: results[method] for method in METHODS if method in results}
-    variant_results = {
-        name: skipped.get(name)
-        or {"overrides": VARIANTS[name], **_aggregate({seed: score(r) for seed, r in variant_runs[name].items()})}
-        for name in variants
-    }
-    # The reference's variants come first, in their order; one this run runs again is this run's.
-    variant_results = {**kept, **variant_results}
+    variant_results = with_reference_variants(
+        reference,
+        {
+            name: skipped.get(name)
+            or {"overrides": VARIANTS[name], **_aggregate({seed: score(r) for seed, r in variant_runs[name].items()})}
+            for name in variants
+        },
+    )
     return {
         "mis_set": problem.mis_set,
         "metric": problem.metric,
@@ -787,6 +787,13 @@ def run_problem(
         "methods": results,
         "variants": variant_results,
     }
+
+
+def with_reference_variants(reference: dict | None, run: dict) -> dict:
+    """`run` (this run's variants) after the reference's variants that it leaves out, in the reference's order: the
+    same merge for the top-level overrides and for each problem's results."""
+    kept = {name: v for name, v in (reference or {}).get("variants", {}).items() if name not in run}
+    return {**kept, **run}
 
 
 def _oracle_summary(grid: list[dict], greater_is_better: bool) -> dict:
@@ -1107,11 +1114,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ray_seeds": list(ray_seeds),
             "ray_problems": [p.name for p in problems if p.name in ray_problems],
         },
-        # As in each problem's results: the reference's variants that this run leaves out, then this run's.
-        "variants": {
-            **{name: v for name, v in reference.get("variants", {}).items() if name not in variants},
-            **{name: VARIANTS[name] for name in variants},
-        },
+        "variants": with_reference_variants(reference, {name: VARIANTS[name] for name in variants}),
         "machine": f"{cpu_cores()} CPU cores, torch {torch.__version__}",
         "problems": {},
     }
