@@ -29,27 +29,29 @@ Methods (`--methods`):
     oracle         the best point (by validation loss or metric) of a grid over learning rate x schedule shape (x the
                    problem's other key gene), every point at the same budget; its summed compute is reported
 
-Seeds (`--seeds`, default 0 for the full suite, 0,1,2 for --quick): clan, pbt and every variant run once per seed
-(the seed orders the data and drives dropout and the clan's mutations); pbt_ray runs at the first seed unless
-`--ray-seeds` says otherwise, on the problems `--ray-problems` names. default, schedule_free and the oracle grid run
-at seed 0 only: every model starts from a fixed initialization, so they are the fixed reference each seed of a
-population method is measured against.
+Seeds (`--seeds`, default 0 for the full suite, 0,1,2 for --quick): every model starts from a fixed initialization,
+and the seed orders the data and drives dropout and the clan's mutations. default, clan, pbt and every variant run
+once per seed; pbt_ray runs at the first seed unless `--ray-seeds` says otherwise, on the problems `--ray-problems`
+names, and schedule_free at the first seed. The oracle's grid runs at seed 0, where it picks its point; that point
+then runs at every other seed. A grid point that is the start itself is the default's run, not run again.
 
 Every method is scored the same way: its final model's loss (or, for `cls_metric`, accuracy) on a held-out test split
 that neither selection nor the oracle's choice ever saw (the clan ranks members, and the oracle picks its grid
-point, on the validation split). Per seed, `gap_closed = (default - method) / (default - oracle)` against the seed-0
-default and oracle: 1 matches the tuned oracle, 0 is no better than the start (sign flipped for accuracy). For
-`well_tuned` the start is the oracle, so there is no gap; it reports `harm = (method - default) / |default|`
-(positive is worse; for accuracy the sign flips), and the bar there is harm <= 1%. The table shows mean ± sd over
-seeds. The proposal's bar is gap_closed >= 0.9 on 90% of problems.
+point, on the validation split). Per seed, `gap_closed = (default - method) / (default - oracle)`, where default and
+oracle are their means over the run's seeds: a start that trains well at some seeds and not at others (a plateau it
+may or may not leave) is measured by what it gives on average, not by one draw. 1 matches the tuned oracle, 0 is no
+better than the start (sign flipped for accuracy). For `well_tuned` the start is the oracle, so there is no gap; it
+reports `harm = (method - default) / |default|` (positive is worse; for accuracy the sign flips), and the bar there
+is harm <= 1%. The table shows mean ± sd over seeds. The proposal's bar is gap_closed >= 0.9 on 90% of problems.
 
 Ablations (`--variants`): each name in `VARIANTS` is the clan with some `ClanConfig` fields (or, under `gene_options`,
 some genes' options) overridden, run at the same seeds and budget as `clan`; a second table gives every variant's
 gap_closed beside the full method's. A variant that only changes genes a problem does not schedule is not run there.
 `--reference DIR/results.json` takes the methods that `--methods` leaves out, and the variants that `--variants`
 leaves out, from an earlier run of the same suite (the clan's runs are deterministic per seed, so its numbers are
-what a new run would give), so an ablation can run only its variants: `--methods none --variants ... --reference
-bench_out/quick/results.json`, and one variant can be run again (or added) with the rest kept.
+what a new run would give), and scores them again against this run's default and oracle (taken from the reference
+only when it ran them at the same seeds), so an ablation can run only its variants: `--methods none --variants ...
+--reference bench_out/quick/results.json`, and one variant can be run again (or added) with the rest kept.
 
     pip install -e ".[bench-ray]"
     python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~28 min on 2 CPU cores
@@ -58,7 +60,7 @@ bench_out/quick/results.json`, and one variant can be run again (or added) with 
         --out bench_out/ablation
     python benchmarks/schedule_suite.py --quick --problems lm_lr_low,well_tuned --seeds 0,1 --out bench_out/some
 
-On 2 CPU cores --quick takes ~28 min in all (1,648 s measured): per problem ~1.5 min for everything, pbt_ray
+On 2 CPU cores --quick takes ~28 min in all (1,697 s measured): per problem ~2.4 min for everything, pbt_ray
 ~20-45 s of it. `--ray-problems a,b` limits pbt_ray to some problems.
 
 Writes DIR/results.json (every seed's result), DIR/table.md (the tables printed at the end), DIR/<problem>.png
@@ -108,8 +110,8 @@ from bench_utils import (  # noqa: E402
 from ray_pbt import run_ray_pbt  # noqa: E402  (pbt_ray; imports ray only when it runs)
 
 METHODS = ["default", "clan", "pbt", "pbt_ray", "schedule_free", "oracle"]
-# Population methods: their outcome depends on the seed, so they run once per seed.
-SEEDED = ("clan", "pbt", "pbt_ray")
+# The two ends every gap is measured between: their means over the run's seeds.
+REFERENCES = ("default", "oracle")
 OPTIONAL = {"pbt_ray": ("ray", "bench-ray"), "schedule_free": ("schedulefree", "bench")}  # method: (package, extra)
 GAP_BAR = 0.9
 HARM_BAR = 0.01  # the do-no-harm problem: the clan's final score within 1% of the (already optimal) start
@@ -709,31 +711,47 @@ def run_problem(
             bar.update(1)
         return per_seed
 
-    # The reference runs (default, schedule_free, oracle) use seed 0 whatever --seeds says: see the docstring.
-    base = dataclasses.replace(settings, seed=0)
     results: dict[str, dict] = {}
     seeded_runs: dict[str, dict[str, dict]] = {}  # method or variant -> seed -> result
+    start = _training_fields(problem, {}, settings)
+
+    def oracle_run(point: dict, seed: int, job: str) -> dict:
+        # A grid point that is the start is the default's run (the same code, fields and seed): reuse it.
+        default = seeded_runs.get("default", {}).get(str(seed), {})
+        if _training_fields(problem, point, settings) == start and default.get("status") == "ok":
+            return dict(default)
+        return _run(problem.name, "oracle", point, dataclasses.replace(settings, seed=seed), job)
+
     for method in methods:
         package, extra = OPTIONAL.get(method, ("", ""))
         if method == "pbt_ray" and not ray_seeds:
             results[method] = {"status": "not run: not among --ray-problems"}
         elif package and importlib.util.find_spec(package) is None:
             results[method] = {"status": f'not run: {package} is not installed (pip install -e ".[{extra}]")'}
-            bar.update(len(ray_seeds) if method == "pbt_ray" else 1)
+            bar.update({"pbt_ray": len(ray_seeds), "schedule_free": 1}.get(method, len(seeds)))
         elif method == "oracle":
             grid = []
             for point in oracle_grid(problem, settings):
                 bar.set_postfix_str(f"{problem.name}: oracle {point}")
                 name = "_".join(f"{k}={v}" for k, v in point.items())
-                grid.append({"point": point, **_run(problem.name, "oracle", point, base, f"{runs}/oracle/{name}")})
+                grid.append({"point": point, **oracle_run(point, 0, f"{runs}/oracle/{name}")})  # picks at seed 0
                 bar.update(1)
             results["oracle"] = _oracle_summary(grid, problem.greater_is_better)
-        elif method in SEEDED:
-            seeded_runs[method] = seeded(method, ray_seeds if method == "pbt_ray" else seeds, method)
+            if results["oracle"]["status"] == "ok":
+                point = results["oracle"]["best_point"]
+                name = "_".join(f"{k}={v}" for k, v in point.items())
+                per_seed = {}
+                for seed in seeds:
+                    if seed == 0:
+                        per_seed["0"] = next(g for g in grid if g["point"] == point)
+                        continue
+                    bar.set_postfix_str(f"{problem.name}: oracle {point} seed {seed}")
+                    per_seed[str(seed)] = oracle_run(point, seed, f"{runs}/oracle/{name}/seed{seed}")
+                    bar.update(1)
+                results["oracle"]["per_seed"] = per_seed
         else:
-            bar.set_postfix_str(f"{problem.name}: {method}")
-            results[method] = _run(problem.name, method, {}, base, f"{runs}/{method}")
-            bar.update(1)
+            at = {"pbt_ray": ray_seeds, "schedule_free": seeds[:1]}.get(method, seeds)
+            seeded_runs[method] = seeded(method, at, method)
     variant_runs: dict[str, dict[str, dict]] = {}
     skipped: dict[str, dict] = {}
     for name in variants:
@@ -745,13 +763,22 @@ def run_problem(
             continue
         variant_runs[name] = seeded("clan", seeds, f"variant_{name}", VARIANTS[name])
 
-    # Every seed of every method is measured against the same seed-0 default and oracle. A method or variant taken
-    # from the reference was scored against them when it ran.
+    for method, per_seed in seeded_runs.items():
+        results[method] = {"per_seed": per_seed}
     for method, result in (reference or {}).get("methods", {}).items():
         if method not in methods:
             results[method] = result
-    default = results.get("default", {}).get("fitness")
-    oracle = results.get("oracle", {}).get("fitness")
+    results = {method: results[method] for method in METHODS if method in results}
+    variant_results = with_reference_variants(
+        reference,
+        {
+            name: skipped.get(name) or {"overrides": VARIANTS[name], "per_seed": variant_runs[name]}
+            for name in variants
+        },
+    )
+    # Every seed of every method, and what the reference holds, is measured against the mean over the seeds of the
+    # default and of the oracle.
+    default, oracle = (_mean_fitness(results.get(method, {})) for method in REFERENCES)
 
     def score(result: dict) -> dict:
         result.setdefault("fitness", None)
@@ -761,20 +788,16 @@ def run_problem(
         result["harm"] = harm(default, result["fitness"], problem.greater_is_better)
         return result
 
-    for method, result in results.items():
-        if method in methods:
-            score(result)
-    for method, per_seed in seeded_runs.items():
-        results[method] = _aggregate({seed: score(result) for seed, result in per_seed.items()})
-    results = {method: results[method] for method in METHODS if method in results}
-    variant_results = with_reference_variants(
-        reference,
-        {
-            name: skipped.get(name)
-            or {"overrides": VARIANTS[name], **_aggregate({seed: score(r) for seed, r in variant_runs[name].items()})}
-            for name in variants
-        },
-    )
+    def scored(result: dict) -> dict:
+        if "per_seed" not in result:  # one run, or a method that did not run
+            return score(result)
+        summary = _aggregate({seed: score(r) for seed, r in result["per_seed"].items()})
+        if "grid" in result:  # the oracle: its cost and curves are its grid's, its score the mean over seeds
+            summary = {key: summary[key] for key in SCORED}
+        return {**result, **summary}
+
+    results = {method: scored(result) for method, result in results.items()}
+    variant_results = {name: scored(result) for name, result in variant_results.items()}
     return {
         "mis_set": problem.mis_set,
         "metric": problem.metric,
@@ -787,6 +810,21 @@ def run_problem(
         "methods": results,
         "variants": variant_results,
     }
+
+
+SCORED = ("fitness", "fitness_sd", "gap_closed", "gap_closed_sd", "harm", "harm_sd", "seeds", "per_seed")
+
+
+def _mean_fitness(result: dict) -> float | None:
+    """A reference's score: its mean over the seeds that finished (a run stored with one seed: that seed's)."""
+    if "per_seed" in result:
+        return _mean_sd([r.get("fitness") for r in result["per_seed"].values() if r.get("status") == "ok"])[0]
+    return result.get("fitness") if result.get("status") == "ok" else None
+
+
+def reference_seeds(result: dict) -> list[int]:
+    """The seeds a stored result ran at (a result stored before the default and oracle ran per seed: seed 0)."""
+    return result.get("seeds", [0])
 
 
 def with_reference_variants(reference: dict | None, run: dict) -> dict:
@@ -868,11 +906,15 @@ def markdown_table(results: dict) -> str:
     problems = results["problems"]
     methods = [m for m in SHOWN if any(p["methods"].get(m, {}).get("fitness") is not None for p in problems.values())]
     settings = results["settings"]
-    seeds, ray_seeds = settings.get("seeds", [settings["seed"]]), settings.get("ray_seeds", [settings["seed"]])
+    seeds = settings.get("seeds", [settings["seed"]])
+    # A method taken from an older reference, or pbt_ray, may have run at other seeds than the rest.
+    ran = {m: [p["methods"][m].get("seeds", [0]) for p in problems.values() if p["methods"].get(m, {}).get("fitness")]
+           for m in methods}  # fmt: skip
+    others = "; ".join(f"{m}: {at[0]}" for m, at in ran.items() if at and at[0] != seeds)
     lines = [
-        f"Final test score, mean ± sd over seeds {seeds} for clan and pbt ({ray_seeds} for pbt_ray; the others: "
-        "seed 0); in brackets gap_closed (per seed, against the seed-0 default and oracle), or harm on a do-no-harm "
-        "problem.",
+        f"Final test score, mean ± sd over seeds {seeds}{f' ({others})' if others else ''}; the oracle is its grid's "
+        "best point (picked on validation at seed 0) run at each seed. In brackets gap_closed (per seed, against the "
+        "default's and the oracle's means over the seeds), or harm on a do-no-harm problem.",
         "",
         "| problem | " + " | ".join(methods) + " |",
         "|---|" + "---|" * len(methods),
@@ -965,8 +1007,12 @@ def ablation_table(results: dict) -> str:
         cells = []
         for column in columns:
             r = result(problem, column)
-            ran = r.get("fitness") is not None
-            cells.append(_score_text(r, problem["do_no_harm"]) if ran else r.get("status", "n/a").split(":")[0])
+            if r.get("fitness") is None:
+                cells.append(r.get("status", "n/a").split(":")[0])
+            elif r.get("gap_closed") is None and not problem["do_no_harm"]:  # no gap to close: the score itself
+                cells.append("score " + _pm(r["fitness"], r.get("fitness_sd"), ".4f"))
+            else:
+                cells.append(_score_text(r, problem["do_no_harm"]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cells = []
     for column in columns:
@@ -1059,9 +1105,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--reference",
         default=None,
         help="results.json of an earlier run of the same suite: the methods it holds that --methods leaves out "
-        "(e.g. default and oracle, deterministic seed-0 runs) and the variants it holds that --variants leaves out "
-        "are taken from it, so variants of the clan are scored against the same references without running them "
-        "again.",
+        "(e.g. default and oracle, deterministic per seed) and the variants it holds that --variants leaves out "
+        "are taken from it and scored again against this run's default and oracle, so variants of the clan are "
+        "measured against the same references without running them again. Its default and oracle must have run "
+        "at this run's seeds.",
     )
     args = parser.parse_args(argv)
 
@@ -1089,6 +1136,16 @@ def main(argv: list[str] | None = None) -> dict:
         mismatched = [k for k in budget if reference["settings"].get(k) != getattr(settings, k)]
         if mismatched:
             parser.error(f"--reference was run with other settings ({', '.join(mismatched)}); use one of this suite.")
+        for name in args.problems.split(","):
+            stored = reference.get("problems", {}).get(name, {}).get("methods", {})
+            for method in REFERENCES:
+                if method not in methods and method in stored and reference_seeds(stored[method]) != list(seeds):
+                    parser.error(
+                        f"--reference holds {method} at seeds {reference_seeds(stored[method])} ({name}); every gap "
+                        f"is measured against its mean over this run's seeds {list(seeds)}: add "
+                        f"{','.join(REFERENCES)} to --methods, or run at --seeds "
+                        f"{','.join(map(str, reference_seeds(stored[method])))}."
+                    )
     if os.path.isdir(os.path.join(args.out, "runs")):
         shutil.rmtree(os.path.join(args.out, "runs"))
     os.makedirs(settings.cache_dir, exist_ok=True)
@@ -1098,11 +1155,11 @@ def main(argv: list[str] | None = None) -> dict:
     import clantune_hf  # noqa: F401
 
     def runs(problem: Problem, method: str) -> int:
-        if method == "oracle":
-            return len(oracle_grid(problem, settings))
+        if method == "oracle":  # the grid at seed 0, its best point at the other seeds
+            return len(oracle_grid(problem, settings)) + sum(seed != 0 for seed in seeds)
         if method == "pbt_ray":
             return len(ray_seeds) if problem.name in ray_problems else 0
-        return len(seeds) if method in SEEDED else 1
+        return 1 if method == "schedule_free" else len(seeds)
 
     total = sum(runs(p, m) for p in problems for m in methods) + len(problems) * len(variants) * len(seeds)
     results = {

@@ -38,6 +38,7 @@ def test_schedule_suite_tiny(tmp_path):
 
     with open(out / "results.json") as f:
         results = json.load(f)
+    suite = load_suite()
     assert set(results["problems"]) == {"lm_lr_low", "cls_metric"}
     assert results["settings"]["seeds"] == [0, 1] and results["settings"]["ray_seeds"] == [0]
     assert results["settings"]["ray_problems"] == ["cls_metric"]
@@ -51,20 +52,37 @@ def test_schedule_suite_tiny(tmp_path):
             assert result["status"] == "ok", (name, method, result.get("status"), result.get("log_tail"))
             assert isinstance(result["fitness"], float) and isinstance(result["wall_s"], float), (name, method)
             assert result["samples"] > 0 and result["curve"] and result["lr_schedule"], (name, method)
-        # The population methods ran once per seed; the table's numbers are the mean over those seeds.
-        for method in ("clan", "pbt"):
+        # default, clan and pbt ran once per seed (schedule_free at the first); the table's numbers are the mean over
+        # those seeds.
+        assert methods["schedule_free"]["seeds"] == [0], methods["schedule_free"]
+        for method in ("default", "clan", "pbt"):
             result = methods[method]
             assert result["seeds"] == [0, 1] and set(result["per_seed"]) == {"0", "1"}, (name, method)
             fitness = [r["fitness"] for r in result["per_seed"].values()]
             assert all(isinstance(f, float) for f in fitness), (name, method, result["per_seed"])
             assert abs(result["fitness"] - sum(fitness) / 2) < 1e-9, (name, method)
             assert result["fitness_sd"] is not None, (name, method)
+        for method in ("clan", "pbt"):
             for seed in ("seed0", "seed1"):
                 history = out / "runs" / name / method / seed / "clan_history.jsonl"
                 assert history.exists() and (history.parent / "clan_schedule.json").exists(), history
         if problem["greater_is_better"]:
             assert 0.0 <= methods["default"]["fitness"] <= 1.0, "accuracy"
-        assert methods["default"]["gap_closed"] in (0.0, None)
+        # The oracle's grid picked its point at seed 0; that point ran at seed 1 too. Each seed of every method is
+        # scored against the means over the seeds of the default and the oracle.
+        oracle = methods["oracle"]
+        assert oracle["seeds"] == [0, 1] and oracle["per_seed"]["0"]["point"] == oracle["best_point"]
+        assert len(list((out / "runs" / name / "oracle").glob("*/seed1"))) == 1, "the best point, again at seed 1"
+        means = [sum(r["fitness"] for r in methods[m]["per_seed"].values()) / 2 for m in ("default", "oracle")]
+        assert abs(methods["default"]["fitness"] - means[0]) < 1e-9 and abs(oracle["fitness"] - means[1]) < 1e-9
+        for seed, result in methods["clan"]["per_seed"].items():
+            expected = suite.gap_closed(means[0], result["fitness"], means[1], problem["greater_is_better"])
+            assert result["gap_closed"] == expected, (name, seed)
+        assert methods["default"]["gap_closed"] is None or abs(methods["default"]["gap_closed"]) < 1e-9
+        if name == "cls_metric":  # the tiny grid holds the start (2e-3, constant): the default's run, not run again
+            start = next(g for g in oracle["grid"] if g["point"] == {"learning_rate": 0.002})
+            assert start["fitness"] == methods["default"]["per_seed"]["0"]["fitness"]
+            assert not (out / "runs" / name / "oracle" / "learning_rate=0.002").exists()
         assert methods["oracle"]["grid_points"] == len(methods["oracle"]["grid"]) >= 2
         assert methods["oracle"]["samples"] == methods["oracle"]["grid_points"] * methods["default"]["samples"]
         assert len(methods["clan"]["lr_schedule"]) == problem["steps"]
@@ -127,6 +145,7 @@ def test_tables_aggregate_seeds_and_count_per_method():
             "a": problem(False, 2.0, [0.9, 1.1], [1.5, 1.5], 1.0),  # clan gap 1.1 and 0.9: mean 1.0
             "b": problem(False, 3.0, [2.9, 2.9], [1.9, 2.1], 2.0),  # clan gap 0.1, pbt 1.0
             "c": problem(True, 2.0, [2.01, 2.01], [2.1, 2.1], 2.0),  # start = oracle: harm +0.5% and +5%
+            "d": problem(False, 1.0, [1.2, 1.4], [1.1, 1.1], 1.5),  # the oracle is worse: no gap, not counted
         },
     }
     clan = results["problems"]["a"]["methods"]["clan"]
@@ -141,12 +160,13 @@ def test_tables_aggregate_seeds_and_count_per_method():
     assert "harm +0.5 ± 0.0%" in table
     assert "| **gap_closed ≥ 0.9** (mean over seeds) | 0/2 | 1/2 | 1/2 | 2/2 |" in lines
     assert "| **median gap_closed** | +0.00 | +0.55 | +0.75 | +1.00 |" in lines
-    assert "| **clan ≥ this method** (mean score) | 2/3 | – | 2/3 | 1/3 |" in lines
+    assert "| **clan ≥ this method** (mean score) | 2/4 | – | 2/4 | 2/4 |" in lines
     assert "| **harm ≤ 1%** (do-no-harm problems) | 1/1 | 1/1 | 0/1 | 1/1 |" in lines
     ablation = suite.ablation_table(results).splitlines()
     assert "| problem | clan | v |" in ablation
     assert ablation[-1] == "| **gap_closed ≥ 0.9; median** | 1/2; median +0.55 | 0/2; median +0.05 |"
-    assert len([line for line in ablation if line.startswith("|")]) == 2 + 3 + 1  # header, rule, problems, counts
+    assert "| d | score 1.3000 ± 0.1414 | score 1.8000 ± 0.1414 |" in ablation  # no gap: the score itself
+    assert len([line for line in ablation if line.startswith("|")]) == 2 + 4 + 1  # header, rule, problems, counts
 
 
 def test_every_problem_builds_and_trains_a_step(tmp_path):
@@ -313,3 +333,8 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, "--out", str(tmp_path / "bad")]
     refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--reference was run with other settings" in refused.stderr
+    # The default and oracle ran at seed 0 only: a run at other seeds cannot be scored against them.
+    bad = ["--tiny", "--problems", "lm_lr_low", "--seeds", "0,1", "--methods", "none", "--reference"]
+    command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, str(ref / "results.json")]
+    refused = subprocess.run([*command, "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "add default,oracle to --methods" in refused.stderr, refused.stderr
