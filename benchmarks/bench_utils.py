@@ -291,12 +291,16 @@ def accuracy_metrics(prediction) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == prediction.label_ids).mean())}
 
 
-def lr_shape(lr_scheduler_type: str, warmup_steps: int, max_steps: int) -> list[float]:
-    """The multiplier a Trainer's scheduler applies to the peak learning rate at each optimizer step."""
+def lr_shape(lr_scheduler_type: str, warmup_steps: int, max_steps: int, cooldown_fraction: float = 0.0) -> list[float]:
+    """The multiplier a Trainer's scheduler applies to the peak learning rate at each optimizer step (a clan's: with
+    its final cooldown)."""
+    from clantune_hf.expression import with_cooldown
+
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = get_scheduler(
         lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps
     )
+    with_cooldown(scheduler, cooldown_fraction, max_steps)
     shape = []
     for _ in range(max_steps):
         shape.append(optimizer.param_groups[0]["lr"])

@@ -574,6 +574,7 @@ def run_job(
     }
     shape = lr_shape(fields["lr_scheduler_type"], fields["warmup_steps"], settings.steps)
     if method in ("clan", "pbt"):
+        shape = lr_shape(fields["lr_scheduler_type"], fields["warmup_steps"], settings.steps, args.cooldown_fraction)
         rounds: dict[int, list] = {}
         for record in trainer.clan_history:
             rounds.setdefault(record["global_step"], []).append(record["fitness"])

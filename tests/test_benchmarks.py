@@ -85,7 +85,8 @@ def test_schedule_suite_tiny(tmp_path):
             assert not (out / "runs" / name / "oracle" / "learning_rate=0.002").exists()
         assert methods["oracle"]["grid_points"] == len(methods["oracle"]["grid"]) >= 2
         assert methods["oracle"]["samples"] == methods["oracle"]["grid_points"] * methods["default"]["samples"]
-        assert len(methods["clan"]["lr_schedule"]) == problem["steps"]
+        lr = methods["clan"]["lr_schedule"]
+        assert len(lr) == problem["steps"] and 0 < lr[-1] < max(lr), "the final cooldown is drawn"
         if name != "cls_metric":
             assert methods["pbt_ray"]["status"].startswith("not run"), methods["pbt_ray"]
         else:  # ray ranks trials on the problem's accuracy there
