@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     cli = parser.parse_args(argv)
     train(cli.output_dir, cli.hang_at, cli.resume)
+    # As the examples end (accelerator.end_training): a gloo group left open at exit can abort a rank's teardown
+    # ("terminate called without an active exception") after the run itself has finished.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
