@@ -572,9 +572,9 @@ def run_job(
         "train_s": train_s,
         "samples": settings.steps * settings.global_batch,
     }
-    shape = lr_shape(fields["lr_scheduler_type"], fields["warmup_steps"], settings.steps)
+    cooldown = args.cooldown_fraction if method in ("clan", "pbt") else 0.0  # a clan's members decay at the end
+    shape = lr_shape(fields["lr_scheduler_type"], fields["warmup_steps"], settings.steps, cooldown)
     if method in ("clan", "pbt"):
-        shape = lr_shape(fields["lr_scheduler_type"], fields["warmup_steps"], settings.steps, args.cooldown_fraction)
         rounds: dict[int, list] = {}
         for record in trainer.clan_history:
             rounds.setdefault(record["global_step"], []).append(record["fitness"])
@@ -729,30 +729,27 @@ def run_problem(
             results[method] = {"status": "not run: not among --ray-problems"}
         elif package and importlib.util.find_spec(package) is None:
             results[method] = {"status": f'not run: {package} is not installed (pip install -e ".[{extra}]")'}
-            bar.update({"pbt_ray": len(ray_seeds), "schedule_free": 1}.get(method, len(seeds)))
+            bar.update(len(seeds_of(method, seeds, ray_seeds)))
         elif method == "oracle":
             grid = []
             for point in oracle_grid(problem, settings):
                 bar.set_postfix_str(f"{problem.name}: oracle {point}")
-                name = "_".join(f"{k}={v}" for k, v in point.items())
-                grid.append({"point": point, **oracle_run(point, 0, f"{runs}/oracle/{name}")})  # picks at seed 0
+                grid.append({"point": point, **oracle_run(point, 0, f"{runs}/oracle/{_point_dir(point)}")})  # seed 0
                 bar.update(1)
             results["oracle"] = _oracle_summary(grid, problem.greater_is_better)
             if results["oracle"]["status"] == "ok":
                 point = results["oracle"]["best_point"]
-                name = "_".join(f"{k}={v}" for k, v in point.items())
                 per_seed = {}
                 for seed in seeds:
                     if seed == 0:
                         per_seed["0"] = next(g for g in grid if g["point"] == point)
                         continue
                     bar.set_postfix_str(f"{problem.name}: oracle {point} seed {seed}")
-                    per_seed[str(seed)] = oracle_run(point, seed, f"{runs}/oracle/{name}/seed{seed}")
+                    per_seed[str(seed)] = oracle_run(point, seed, f"{runs}/oracle/{_point_dir(point)}/seed{seed}")
                     bar.update(1)
                 results["oracle"]["per_seed"] = per_seed
         else:
-            at = {"pbt_ray": ray_seeds, "schedule_free": seeds[:1]}.get(method, seeds)
-            seeded_runs[method] = seeded(method, at, method)
+            seeded_runs[method] = seeded(method, seeds_of(method, seeds, ray_seeds), method)
     variant_runs: dict[str, dict[str, dict]] = {}
     skipped: dict[str, dict] = {}
     for name in variants:
@@ -816,6 +813,17 @@ def run_problem(
 SCORED = ("fitness", "fitness_sd", "gap_closed", "gap_closed_sd", "harm", "harm_sd", "seeds", "per_seed")
 
 
+def seeds_of(method: str, seeds: tuple[int, ...], ray_seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """The seeds a method other than the oracle runs at: pbt_ray at `ray_seeds` (none off --ray-problems),
+    schedule_free at the first seed, the others at every seed."""
+    return {"pbt_ray": ray_seeds, "schedule_free": seeds[:1]}.get(method, seeds)
+
+
+def _point_dir(point: dict) -> str:
+    """An oracle grid point's run folder: `learning_rate=0.001_lr_scheduler_type=linear`."""
+    return "_".join(f"{k}={v}" for k, v in point.items())
+
+
 def _mean_fitness(result: dict) -> float | None:
     """A reference's score: its mean over the seeds that finished (a run stored with one seed: that seed's)."""
     if "per_seed" in result:
@@ -823,8 +831,9 @@ def _mean_fitness(result: dict) -> float | None:
     return result.get("fitness") if result.get("status") == "ok" else None
 
 
-def reference_seeds(result: dict) -> list[int]:
-    """The seeds a stored result ran at (a result stored before the default and oracle ran per seed: seed 0)."""
+def seeds_ran(result: dict) -> list[int]:
+    """The seeds a stored result ran at (one stored without them, e.g. before the default and oracle ran per seed:
+    seed 0)."""
     return result.get("seeds", [0])
 
 
@@ -909,7 +918,7 @@ def markdown_table(results: dict) -> str:
     settings = results["settings"]
     seeds = settings.get("seeds", [settings["seed"]])
     # A method taken from an older reference, or pbt_ray, may have run at other seeds than the rest.
-    ran = {m: [p["methods"][m].get("seeds", [0]) for p in problems.values() if p["methods"].get(m, {}).get("fitness")]
+    ran = {m: [seeds_ran(p["methods"][m]) for p in problems.values() if p["methods"].get(m, {}).get("fitness")]
            for m in methods}  # fmt: skip
     others = "; ".join(f"{m}: {at[0]}" for m, at in ran.items() if at and at[0] != seeds)
     lines = [
@@ -1140,12 +1149,12 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.problems.split(","):
             stored = reference.get("problems", {}).get(name, {}).get("methods", {})
             for method in REFERENCES:
-                if method not in methods and method in stored and reference_seeds(stored[method]) != list(seeds):
+                if method not in methods and method in stored and seeds_ran(stored[method]) != list(seeds):
                     parser.error(
-                        f"--reference holds {method} at seeds {reference_seeds(stored[method])} ({name}); every gap "
+                        f"--reference holds {method} at seeds {seeds_ran(stored[method])} ({name}); every gap "
                         f"is measured against its mean over this run's seeds {list(seeds)}: add "
                         f"{','.join(REFERENCES)} to --methods, or run at --seeds "
-                        f"{','.join(map(str, reference_seeds(stored[method])))}."
+                        f"{','.join(map(str, seeds_ran(stored[method])))}."
                     )
     if os.path.isdir(os.path.join(args.out, "runs")):
         shutil.rmtree(os.path.join(args.out, "runs"))
@@ -1158,9 +1167,7 @@ def main(argv: list[str] | None = None) -> dict:
     def runs(problem: Problem, method: str) -> int:
         if method == "oracle":  # the grid at seed 0, its best point at the other seeds
             return len(oracle_grid(problem, settings)) + sum(seed != 0 for seed in seeds)
-        if method == "pbt_ray":
-            return len(ray_seeds) if problem.name in ray_problems else 0
-        return 1 if method == "schedule_free" else len(seeds)
+        return len(seeds_of(method, seeds, ray_seeds if problem.name in ray_problems else ()))
 
     total = sum(runs(p, m) for p in problems for m in methods) + len(problems) * len(variants) * len(seeds)
     results = {
