@@ -330,6 +330,20 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     with open(again / "table.md") as f:
         assert "| clan | linear_weight_decay | none |" in f.read()
 
+    # One problem run again (as after it changed), the rest kept as the reference holds them, in the suite's order.
+    one = tmp_path / "one"
+    run_script("schedule_suite.py", "--tiny", "--problems", "lm_lr_high", "--methods", "default,oracle",
+               "--reference", str(again / "results.json"), "--out", str(one))  # fmt: skip
+    with open(one / "results.json") as f:
+        rerun = json.load(f)
+    assert list(rerun["problems"]) == problems.split(",")
+    assert rerun["problems"]["lm_lr_low"] == merged["problems"]["lm_lr_low"]
+    assert (one / "runs" / "lm_lr_high" / "default").exists() and not (one / "runs" / "lm_lr_low").exists()
+    assert rerun["settings"]["ray_problems"] == merged["settings"]["ray_problems"]
+    assert (one / "lm_lr_low.png").exists()
+    with open(one / "table.md") as f:
+        assert "| lm_lr_low |" in f.read()
+
     bad = ["--quick", "--problems", "lm_lr_low", "--methods", "none", "--reference", str(ref / "results.json")]
     command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, "--out", str(tmp_path / "bad")]
     refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -339,3 +353,18 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, str(ref / "results.json")]
     refused = subprocess.run([*command, "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "add default,oracle to --methods" in refused.stderr, refused.stderr
+    # What ran on a problem before its definition changed is not scored against the new one.
+    with open(ref / "results.json") as f:
+        changed = json.load(f)
+    changed["problems"]["lm_lr_low"]["mis_set"] = "an earlier problem of that name"
+    with open(tmp_path / "changed.json", "w") as f:
+        json.dump(changed, f)
+    bad = ["--tiny", "--problems", "lm_lr_low", "--methods", "none", "--reference", str(tmp_path / "changed.json")]
+    command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, "--out", str(tmp_path / "bad")]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "add default, oracle to --methods" in refused.stderr, refused.stderr
+    # A problem kept from a reference at other seeds would be reported under this run's seeds.
+    bad = ["--tiny", "--problems", "lm_lr_high", "--seeds", "1", "--methods", "default,oracle", "--reference"]
+    command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, str(ref / "results.json")]
+    refused = subprocess.run([*command, "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "keeps lm_lr_low as it ran" in refused.stderr, refused.stderr
