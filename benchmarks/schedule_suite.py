@@ -571,8 +571,10 @@ def run_job(
         "train_s": train_s,
         "samples": settings.steps * settings.global_batch,
     }
-    cooldown = args.cooldown_fraction if method in ("clan", "pbt") else 0.0  # a clan's members decay at the end
-    shape = lr_shape(fields["lr_scheduler_type"], fields["warmup_steps"], settings.steps, cooldown)
+    # A clan's members decay over its final cooldown (ClanConfig); a plain Trainer's arguments have none.
+    shape = lr_shape(
+        fields["lr_scheduler_type"], fields["warmup_steps"], settings.steps, getattr(args, "cooldown_fraction", 0.0)
+    )
     if method in ("clan", "pbt"):
         rounds: dict[int, list] = {}
         for record in trainer.clan_history:
@@ -796,17 +798,19 @@ def run_problem(
     results = {method: scored(result) for method, result in results.items()}
     variant_results = {name: scored(result) for name, result in variant_results.items()}
     return {
-        "mis_set": problem.mis_set,
-        "metric": problem.metric,
-        "greater_is_better": problem.greater_is_better,
-        "do_no_harm": problem.do_no_harm,
-        "start": problem.start,
-        "genes": problem.genes,
+        **definition(problem),
         "steps": settings.steps,
         "round_steps": settings.round_steps,
         "methods": results,
         "variants": variant_results,
     }
+
+
+def definition(problem: Problem) -> dict:
+    """What results.json records of a problem's definition, as JSON reads it back: a stored problem whose record
+    differs from today's was a different problem."""
+    keys = ("mis_set", "metric", "greater_is_better", "do_no_harm", "start", "genes")
+    return json.loads(json.dumps({key: getattr(problem, key) for key in keys}))
 
 
 SCORED = ("fitness", "fitness_sd", "gap_closed", "gap_closed_sd", "harm", "harm_sd", "seeds", "per_seed")
@@ -1136,8 +1140,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = dataclasses.replace(settings, num_processes=args.num_processes)
     problems = [PROBLEMS[name] for name in names]
     methods = [m for m in METHODS if m in args.methods.split(",")]
-    ran_ray = [name for name in names if name in ray_problems]
-    reference, kept = {}, []
+    reference, kept, kept_ray = {}, [], []
     if args.reference:
         with open(args.reference) as f:
             reference = json.load(f)
@@ -1148,10 +1151,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             held = reference.get("problems", {}).get(name, {})
             # A problem whose definition changed since the reference ran keeps nothing from it.
-            described = json.loads(json.dumps({k: getattr(PROBLEMS[name], k) for k in ("mis_set", "start", "genes")}))
             taken = [m for m in held.get("methods", {}) if m not in methods]
             taken += [v for v in held.get("variants", {}) if v not in variants]
-            if held and taken and any(held.get(k) != v for k, v in described.items()):
+            if held and taken and any(held.get(k) != v for k, v in definition(PROBLEMS[name]).items()):
                 parser.error(
                     f"--reference holds {name} as it was defined then ({held.get('mis_set')!r}); what ran on it "
                     f"cannot be scored against today's: add {', '.join(taken)} to --methods or --variants."
@@ -1168,7 +1170,8 @@ def main(argv: list[str] | None = None) -> dict:
         # The problems --problems leaves out are kept as the reference holds them, so one problem can be run again
         # (after it changed) with the rest of a stored suite kept; the table header then names this run's seeds.
         kept = [name for name in reference["problems"] if name not in names]
-        stored_seeds, stored_ray_problems = seeds_ran(reference["settings"]), reference["settings"]["ray_problems"]
+        kept_ray = [name for name in kept if name in reference["settings"]["ray_problems"]]
+        stored_seeds = seeds_ran(reference["settings"])
         if kept and stored_seeds != list(seeds):
             parser.error(
                 f"--reference ran at seeds {stored_seeds} and keeps {', '.join(kept)} as it ran: run at --seeds "
@@ -1195,9 +1198,7 @@ def main(argv: list[str] | None = None) -> dict:
             **{k: v for k, v in dataclasses.asdict(settings).items() if k != "cache_dir"},
             "seeds": list(seeds),
             "ray_seeds": list(ray_seeds),
-            "ray_problems": [
-                name for name in PROBLEMS if name in ran_ray or name in kept and name in stored_ray_problems
-            ],
+            "ray_problems": [name for name in PROBLEMS if name in names and name in ray_problems or name in kept_ray],
         },
         "variants": with_reference_variants(reference, {name: VARIANTS[name] for name in variants}),
         "machine": f"{cpu_cores()} CPU cores, torch {torch.__version__}",
