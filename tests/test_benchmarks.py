@@ -23,6 +23,14 @@ def run_script(script: str, *args: str) -> str:
     return result.stdout
 
 
+def refusal(script: str, *args: str) -> str:
+    """Run a benchmark script that must refuse its arguments (argparse's exit 2, before any compute); its stderr."""
+    command = [sys.executable, os.path.join(BENCHMARKS, script), *args]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, f"{' '.join(command)} exited {refused.returncode}:\n{refused.stderr[-3000:]}"
+    return refused.stderr
+
+
 def load_suite():
     if BENCHMARKS not in sys.path:
         sys.path.insert(0, BENCHMARKS)
@@ -344,27 +352,24 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     with open(one / "table.md") as f:
         assert "| lm_lr_low |" in f.read()
 
-    bad = ["--quick", "--problems", "lm_lr_low", "--methods", "none", "--reference", str(ref / "results.json")]
-    command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, "--out", str(tmp_path / "bad")]
-    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "--reference was run with other settings" in refused.stderr
+    bad = tmp_path / "bad"
+    stderr = refusal("schedule_suite.py", "--quick", "--problems", "lm_lr_low", "--methods", "none",
+                     "--reference", str(ref / "results.json"), "--out", str(bad))  # fmt: skip
+    assert "--reference was run with other settings" in stderr
     # The default and oracle ran at seed 0 only: a run at other seeds cannot be scored against them.
-    bad = ["--tiny", "--problems", "lm_lr_low", "--seeds", "0,1", "--methods", "none", "--reference"]
-    command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, str(ref / "results.json")]
-    refused = subprocess.run([*command, "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True)
-    assert refused.returncode == 2 and "add default,oracle to --methods" in refused.stderr, refused.stderr
+    stderr = refusal("schedule_suite.py", "--tiny", "--problems", "lm_lr_low", "--seeds", "0,1", "--methods", "none",
+                     "--reference", str(ref / "results.json"), "--out", str(bad))  # fmt: skip
+    assert "add default,oracle to --methods" in stderr, stderr
     # What ran on a problem before its definition changed is not scored against the new one.
     with open(ref / "results.json") as f:
         changed = json.load(f)
     changed["problems"]["lm_lr_low"]["mis_set"] = "an earlier problem of that name"
     with open(tmp_path / "changed.json", "w") as f:
         json.dump(changed, f)
-    bad = ["--tiny", "--problems", "lm_lr_low", "--methods", "none", "--reference", str(tmp_path / "changed.json")]
-    command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, "--out", str(tmp_path / "bad")]
-    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert refused.returncode == 2 and "add default, oracle to --methods" in refused.stderr, refused.stderr
+    stderr = refusal("schedule_suite.py", "--tiny", "--problems", "lm_lr_low", "--methods", "none",
+                     "--reference", str(tmp_path / "changed.json"), "--out", str(bad))  # fmt: skip
+    assert "add default, oracle to --methods" in stderr, stderr
     # A problem kept from a reference at other seeds would be reported under this run's seeds.
-    bad = ["--tiny", "--problems", "lm_lr_high", "--seeds", "1", "--methods", "default,oracle", "--reference"]
-    command = [sys.executable, os.path.join(BENCHMARKS, "schedule_suite.py"), *bad, str(ref / "results.json")]
-    refused = subprocess.run([*command, "--out", str(tmp_path / "bad")], cwd=ROOT, capture_output=True, text=True)
-    assert refused.returncode == 2 and "keeps lm_lr_low as it ran" in refused.stderr, refused.stderr
+    stderr = refusal("schedule_suite.py", "--tiny", "--problems", "lm_lr_high", "--seeds", "1", "--methods",
+                     "default,oracle", "--reference", str(ref / "results.json"), "--out", str(bad))  # fmt: skip
+    assert "keeps lm_lr_low as it ran" in stderr, stderr
