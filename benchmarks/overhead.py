@@ -144,8 +144,8 @@ def run_job(run: str, settings: dict, job_dir: str) -> None:
     sent: list[int] = []
     send_member = clan_trainer_module.send_member
 
-    def counting_send_member(model, optimizer, dst):
-        sent.append(send_member(model, optimizer, dst))
+    def counting_send_member(model, optimizer, dst, extra=()):
+        sent.append(send_member(model, optimizer, dst, extra))
         return sent[-1]
 
     clan_trainer_module.send_member = counting_send_member
@@ -194,7 +194,8 @@ def run_job(run: str, settings: dict, job_dir: str) -> None:
 
 def model_bytes(settings: dict, ranks_per_member: int = 1) -> dict:
     """One member's state in bytes. A sharded member's ranks split its weights and Adam moments; each rank holds its
-    own copy of the buffers and its own Adam `step` counters."""
+    own copy of the buffers and its own Adam `step` counters. A one-rank member also holds its fitness EMA (a copy of
+    the trainable weights, `fitness_ema_steps`), which a clone takes with the rest."""
     model = tiny_gpt2(seq_len=settings["seq_len"], width=settings["width"], layers=settings["layers"])
     params = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     buffers = ranks_per_member * sum(b.numel() * b.element_size() for b in model.buffers())
@@ -206,7 +207,8 @@ def model_bytes(settings: dict, ranks_per_member: int = 1) -> dict:
         "param_bytes": params,
         "buffer_bytes": buffers,
         "optimizer_state_bytes": optimizer,
-        "clone_bytes_expected": params + buffers + optimizer,
+        "fitness_ema_bytes": params if ranks_per_member == 1 else 0,
+        "clone_bytes_expected": params + buffers + optimizer + (params if ranks_per_member == 1 else 0),
     }
 
 
@@ -363,7 +365,7 @@ def markdown(result: dict, num_processes: int) -> str:
         lines.append(
             f"bytes per exchange: {ex['bytes_per_exchange'] / 1e6:.2f} MB = "
             f"{ex['bytes_per_exchange_over_param_bytes']:.2f}x "
-            f"the trainable weights ({ex['param_bytes'] / 1e6:.2f} MB); expected weights + buffers + Adam state "
+            f"the trainable weights ({ex['param_bytes'] / 1e6:.2f} MB); expected weights + buffers + Adam state + EMA "
             f"{ex['clone_bytes_expected'] / 1e6:.2f} MB ({ex['exchanges']} exchanges measured)"
         )
     return "\n".join(lines)

@@ -119,8 +119,8 @@ GAP_BAR = 0.9
 HARM_BAR = 0.01  # the do-no-harm problem: the clan's final score within 1% of the (already optimal) start
 # Ablations: the clan with these ClanConfig fields overridden.
 VARIANTS: dict[str, dict] = {
-    # Each rule of the search switched off alone (docs/search.md), then all of them: the search before them. The
-    # fitness weight average is off by default (it was neutral on this suite); `averaging` switches it on.
+    # Each rule of the search switched off alone (docs/search.md), then all of them: the search before them.
+    # `averaging` ranks at the mean of each round's last half instead of the EMA.
     "no_spread": {"initial_spread": "local"},
     "no_success_rule": {"step_size_control": "self_adaptive"},
     "no_resample": {"resample_probability": 0.0},
@@ -128,6 +128,7 @@ VARIANTS: dict[str, dict] = {
     "no_solo": {"solo_radius": 1.0},
     "no_window_scaling": {"window_lr_scaling": False},
     "no_cooldown": {"cooldown_fraction": 0.0},
+    "no_ema": {"fitness_ema_steps": 0},
     # Not a ClanConfig field: per-gene options merged into the problem's genes (where it schedules that gene).
     "linear_weight_decay": {"gene_options": {"weight_decay": {"scale": "linear"}}},
     "averaging": {"fitness_average_window": 0.5},
@@ -139,6 +140,7 @@ VARIANTS: dict[str, dict] = {
         "solo_radius": 1.0,
         "window_lr_scaling": False,
         "cooldown_fraction": 0.0,
+        "fitness_ema_steps": 0,
         "gene_options": {"weight_decay": {"scale": "linear"}},
     },  # fmt: skip
     # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a

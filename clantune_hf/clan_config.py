@@ -16,6 +16,10 @@ from .genetics import SPREADS, STEP_SIZE_CONTROLS
 # The last fifth of a run cools down by default: on the benchmark suite it helps the problems that start at a
 # constant learning rate and is neutral elsewhere (docs/search.md).
 DEFAULT_COOLDOWN_FRACTION = 0.2
+# Members are ranked at an EMA of their weights over this many steps: one round after a clone changed its learning
+# rate, the last weights favour the lower rate, and this average ranks rates as the end of the run does
+# (benchmarks/results/ranking_horizon/; on the benchmark suite it closes more of the gap on five problems).
+DEFAULT_FITNESS_EMA_STEPS = 25
 # Schedules with a decay phase of their own, or that are not per-step factors `with_cooldown` can multiply.
 SCHEDULES_WITHOUT_COOLDOWN = ("warmup_stable_decay", "reduce_lr_on_plateau", "greedy")
 
@@ -97,8 +101,17 @@ class ClanConfig(TrainingArguments):
             Fraction of each round, at its end, over which a member's weights are averaged for its fitness, in
             [0, 1]. Ranking the average rather than the last weights counters short-horizon bias (a member with a
             large learning rate is judged nearer where it will settle). Costs one copy of the trainable weights and
-            one fused update per averaged step; on the benchmark suite it was neutral, so it is off by default.
-            `0` ranks the last weights. The final evaluation always ranks the weights as they are.
+            one fused update per averaged step. On the benchmark suite it closed less of the gap than the EMA that
+            ranks members by default (`fitness_ema_steps`), which a window replaces. `0` ranks the last weights (or
+            the EMA). The final evaluation always ranks the weights as they are.
+        fitness_ema_steps (`int`, *optional*):
+            Rank members at an exponential moving average of their weights over about this many optimizer steps,
+            kept every step across rounds (a clone takes its source's with its weights; checkpoints save it). It
+            counters short-horizon bias: one round after a clone changed its learning rate, the last weights favour
+            the lower rate, and an average over 12-25 steps ranks rates about as the end of the run does. Costs one
+            copy of the trainable weights and one fused update per step. `0` ranks the last weights. Defaults to
+            `25`, or to `0` with `ranks_per_member > 1` (not supported there yet) or a `fitness_average_window`.
+            The final evaluation always ranks the weights as they are.
         cooldown_fraction (`float`, *optional*):
             Fraction of the run, at its end, over which every member's learning rate decays linearly to 0 on top of
             the `lr_scheduler_type` shape (a warmup-stable-decay run with the learning-rate gene as its level). The
@@ -214,6 +227,14 @@ class ClanConfig(TrainingArguments):
             "[0, 1]; 0 ranks the last weights."
         },
     )
+    fitness_ema_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rank members at an exponential moving average of their weights over about this many optimizer "
+            "steps, kept across rounds; 0 ranks the last weights. Default: 25 (0 with ranks_per_member > 1 or a "
+            "fitness_average_window)."
+        },
+    )
     cooldown_fraction: float | None = field(
         default=None,
         metadata={
@@ -282,6 +303,10 @@ class ClanConfig(TrainingArguments):
         if self.cooldown_fraction is None:
             own_decay = self.lr_scheduler_type.value in SCHEDULES_WITHOUT_COOLDOWN
             self.cooldown_fraction = 0.0 if own_decay else DEFAULT_COOLDOWN_FRACTION
+        if self.fitness_ema_steps is None:
+            sharded = type(self.ranks_per_member) is int and self.ranks_per_member > 1
+            window = isinstance(self.fitness_average_window, (int, float)) and self.fitness_average_window > 0
+            self.fitness_ema_steps = 0 if sharded or window else DEFAULT_FITNESS_EMA_STEPS
         if self.mixed_precision == "fp16":  # from the accelerate config (ACCELERATE_MIXED_PRECISION)
             raise ValueError(
                 "`fp16` (here from the accelerate config's mixed_precision) scales the loss and skips steps on "
@@ -292,6 +317,7 @@ class ClanConfig(TrainingArguments):
             ("round_steps", self.round_steps),
             ("fitness_eval_samples", self.fitness_eval_samples),
             ("ranks_per_member", self.ranks_per_member),
+            ("fitness_ema_steps", self.fitness_ema_steps),
         )
         for name, value in integers:
             optional = name == "fitness_eval_samples" and value is None
@@ -315,11 +341,20 @@ class ClanConfig(TrainingArguments):
             raise ValueError(f"`round_steps` must be >= 1, got {self.round_steps}.")
         if self.ranks_per_member < 1:
             raise ValueError(f"`ranks_per_member` must be >= 1 (processes per member), got {self.ranks_per_member}.")
-        if self.ranks_per_member > 1 and self.fitness_average_window > 0:
+        if self.fitness_ema_steps < 0:
             raise ValueError(
-                "`fitness_average_window` is not supported with `ranks_per_member > 1` yet: FSDP2 gathers a member's "
-                "weights from its own storage, which a weight average cannot be swapped into. Set "
-                "fitness_average_window=0."
+                f"`fitness_ema_steps` must be >= 0 (0 ranks the last weights), got {self.fitness_ema_steps}."
+            )
+        for name in ("fitness_average_window", "fitness_ema_steps"):
+            if self.ranks_per_member > 1 and getattr(self, name) > 0:
+                raise ValueError(
+                    f"`{name}` is not supported with `ranks_per_member > 1` yet: FSDP2 gathers a member's weights "
+                    f"from its own storage, which a weight average cannot be swapped into. Set {name}=0."
+                )
+        if self.fitness_average_window > 0 and self.fitness_ema_steps > 0:
+            raise ValueError(
+                "`fitness_average_window` and `fitness_ema_steps` both average the weights fitness is measured at; "
+                "set one of them to 0."
             )
         if not 0.0 <= self.duty_cycle <= 1.0:
             raise ValueError(

@@ -227,7 +227,7 @@ class ClanTrainer(Trainer):
         self._decay_groups: list[bool] | None = None
         self._fitness_loader: DataLoader | None = None
         self._fitness_batches: list[float] | None = None  # this member's last fitness per eval batch
-        self._average = WeightAverage()
+        self._average = WeightAverage(horizon=args.fitness_ema_steps)
         # The last this many steps of every round are averaged for fitness (0: fitness sees the last weights).
         self._average_steps = round(args.fitness_average_window * args.round_steps)
         self._saved_member = 0  # whose weights `_save` writes: the best member's while a checkpoint is saved
@@ -590,7 +590,8 @@ class ClanTrainer(Trainer):
             return
         member = load_member(checkpoint, self.layout, self.model, self.optimizer, self.lr_scheduler)
         self._diverged = member["diverged"]
-        self._average.load_state_dict(load_average(checkpoint, self.layout), self.model)
+        if self.args.fitness_ema_steps or self._average_steps:  # a saved average this run does not rank by stays out
+            self._average.load_state_dict(load_average(checkpoint, self.layout), self.model)
         self.genomes, self.clan_history = load_clan(checkpoint, self.layout, list(self.args.genes))
         self._expressed_phase = None
         if self.args.should_save:
@@ -644,10 +645,13 @@ class ClanTrainer(Trainer):
         """Overwrite each member `dst` of a {dst: src} plan with member `src`'s weights and optimizer state."""
         for dst, src in sorted(plan.items()):
             # Only the two ranks of a pair take part; every rank walks the same plan in the same order.
+            # A fitness EMA is the member's own history: the clone takes its source's (a window's average is empty
+            # here, between rounds).
+            ema = (self._average.mean or []) if self.args.fitness_ema_steps else []
             if self.member == src:
-                send_member(self.model, self.optimizer, self.layout.rank_of(dst))
+                send_member(self.model, self.optimizer, self.layout.rank_of(dst), ema)
             elif self.member == dst:
-                recv_member(self.model, self.optimizer, self.layout.rank_of(src))
+                recv_member(self.model, self.optimizer, self.layout.rank_of(src), ema)
 
     def _final_round(self) -> None:
         """The final evaluation: record it, then every rank takes the best member's weights and genes."""
@@ -682,11 +686,13 @@ class ClanTrainer(Trainer):
             write_schedule(self.args.output_dir, self.clan_schedule)
 
     def _gather_fitness(self, averaged: bool = True) -> list[float]:
-        """Every member's fitness, on every rank. `averaged`: at the mean of the round's last weights, if any."""
+        """Every member's fitness, on every rank. `averaged`: at the fitness weight average (the round's last
+        weights' mean, or the EMA), if any."""
         self._fitness_batches = None
         with self._average.swapped_in(self.model) if averaged else contextlib.nullcontext():
             own = math.nan if self._diverged else self._member_fitness()
-        self._average.reset()
+        if not self.args.fitness_ema_steps:
+            self._average.reset()  # a window's average starts afresh each round; an EMA goes on
         return self.layout.per_member(all_gather_floats(own))
 
     def _gather_fitness_batches(self) -> list[list[float] | None]:
@@ -766,7 +772,11 @@ class ClanTrainer(Trainer):
     # ---- Fitness ----
 
     def _average_step(self) -> None:
-        """After an optimizer step: fold the weights into the fitness average if the step is in the round's tail."""
+        """After an optimizer step: fold the weights into the fitness EMA, or into the window's average if the step
+        is in the round's tail."""
+        if self.args.fitness_ema_steps:
+            self._average.update(self.model)
+            return
         window = self._average_steps
         if window and (self.state.global_step - 1) % self.args.round_steps >= self.args.round_steps - window:
             self._average.update(self.model)

@@ -9,7 +9,7 @@ receives its own shard (see members.py), so ranks are always global ranks here.
 
 import atexit
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -135,29 +135,37 @@ def _optimizer_manifest(optimizer: torch.optim.Optimizer) -> list[tuple[int, str
     return manifest
 
 
-def send_member(model: nn.Module, optimizer: torch.optim.Optimizer, dst: int) -> int:
-    """Send this member's weights, buffers and optimizer state to rank `dst`. Returns the bytes sent."""
+def send_member(
+    model: nn.Module, optimizer: torch.optim.Optimizer, dst: int, extra: Sequence[torch.Tensor] = ()
+) -> int:
+    """Send this member's weights, buffers and optimizer state to rank `dst`, then `extra` (state of the member's
+    own, e.g. its fitness weight average, shaped alike on both ranks). Returns the bytes sent."""
     manifest = _optimizer_manifest(optimizer)
     dist.send_object_list([manifest], dst=dst, device=_object_device())
     params = _optimizer_params(optimizer)
     state_tensors = [optimizer.state[params[i]][key] for i, key, desc in manifest if desc[0] == "tensor"]
-    return _send_flat([t for _, t in member_tensors(model)] + state_tensors, dst)
+    return _send_flat([t for _, t in member_tensors(model)] + state_tensors + list(extra), dst)
 
 
-def recv_member(model: nn.Module, optimizer: torch.optim.Optimizer, src: int) -> None:
-    """Become an exact copy of rank `src`'s member: weights, buffers and optimizer state, bit for bit."""
+def recv_member(
+    model: nn.Module, optimizer: torch.optim.Optimizer, src: int, extra: Sequence[torch.Tensor] = ()
+) -> None:
+    """Become an exact copy of rank `src`'s member: weights, buffers and optimizer state, bit for bit, and `extra`
+    (overwritten in place with what the source sent as its `extra`)."""
     holder = [None]
     dist.recv_object_list(holder, src=src, device=_object_device())
     manifest = holder[0]
     own = [t for _, t in member_tensors(model)]
     state_shapes = [(desc[1], desc[2]) for _, _, desc in manifest if desc[0] == "tensor"]
-    received = _recv_flat(_shapes(own) + state_shapes, src)
+    received = _recv_flat(_shapes(own) + state_shapes + _shapes(list(extra)), src)
     with torch.no_grad():
         for target, value in zip(own, received[: len(own)], strict=True):
             local(target).copy_(value)
+        for target, value in zip(extra, received[len(received) - len(extra) :], strict=True):
+            local(target).copy_(value)
     params = _optimizer_params(optimizer)
     new_state: dict[nn.Parameter, dict] = {}
-    tensors = iter(received[len(own) :])
+    tensors = iter(received[len(own) : len(received) - len(extra)])
     for index, key, desc in manifest:
         param = params[index]
         if desc[0] == "tensor":

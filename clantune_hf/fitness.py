@@ -45,17 +45,21 @@ def member_fitness(
 
 
 class WeightAverage:
-    """The running mean of a member's trainable weights over the last steps of a round.
+    """An average of a member's trainable weights: the plain running mean of the steps folded in (`horizon=0`,
+    `fitness_average_window`: the last steps of a round), or an exponential moving average over about `horizon`
+    steps (`fitness_ema_steps`: every step, kept across rounds; a plain mean until `horizon` steps are in, so the
+    initial weights fade at once).
 
     Selection on one round's raw weights is greedy: a member with a large learning rate oscillates across its valley
-    and looks worse now than it will be once its rate decays (short-horizon bias). The mean of its recent weights
+    and looks worse now than it will be once its rate decays (short-horizon bias). The average of its recent weights
     sits nearer the valley floor, much as a cooldown would put it, at the cost of one copy of the trainable weights
-    and one fused update per averaged step. Fitness is measured with the mean swapped in; training never sees it.
+    and one fused update per averaged step. Fitness is measured with the average swapped in; training never sees it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, horizon: int = 0) -> None:
         self.mean: list[torch.Tensor] | None = None
         self.count = 0
+        self.horizon = horizon
 
     @staticmethod
     def parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -68,7 +72,7 @@ class WeightAverage:
             self.mean, self.count = [p.clone() for p in params], 1
             return
         self.count += 1
-        torch._foreach_lerp_(self.mean, params, 1.0 / self.count)
+        torch._foreach_lerp_(self.mean, params, max(1.0 / self.count, 1.0 / self.horizon if self.horizon else 0.0))
 
     def reset(self) -> None:
         self.mean, self.count = None, 0
@@ -89,7 +93,7 @@ class WeightAverage:
                 param.data, mean.data = mean.data, param.data
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """For a checkpoint taken inside the averaging window; empty outside it."""
+        """For a checkpoint: empty when nothing is averaged (a window's average outside its window)."""
         if self.mean is None:
             return {}
         return {f"mean.{i}": t.detach().cpu().contiguous() for i, t in enumerate(self.mean)} | {

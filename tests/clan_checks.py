@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from testing_utils import PatternDataset, tiny_gpt2
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
 from clantune_hf import ClanConfig, ClanTrainer
 from clantune_hf.dropout import dropout_sites
@@ -42,6 +42,8 @@ def member_state(trainer: ClanTrainer) -> dict[str, torch.Tensor]:
     for param, entries in trainer.optimizer.state.items():
         for key, value in entries.items():
             state[f"optim.{names[id(param)]}.{key}"] = value.detach().cpu().clone()
+    for i, mean in enumerate(trainer._average.mean or []):  # the fitness weight average, when it holds any
+        state[f"average.{i}"] = mean.detach().cpu().clone()
     return state
 
 
@@ -235,10 +237,11 @@ class _StopAfterRound(Exception):
     pass
 
 
-def check_clone(output_dir):
-    """A clone's weights, buffers and Adam state equal its source's bit for bit; its genome is the source's,
-    mutated; members not in the plan keep everything."""
-    trainer = make_trainer(output_dir, CloneRecordingTrainer, round_steps=3, max_steps=9, duty_cycle=0.34)
+def check_clone(output_dir, fitness_ema_steps=0):
+    """A clone's weights, buffers and Adam state (and its fitness EMA, with `fitness_ema_steps`) equal its source's
+    bit for bit; its genome is the source's, mutated; members not in the plan keep everything."""
+    trainer = make_trainer(output_dir, CloneRecordingTrainer, round_steps=3, max_steps=9, duty_cycle=0.34,
+                           fitness_ema_steps=fitness_ema_steps)  # fmt: skip
     try:
         trainer.train()
     except _StopAfterRound:
@@ -252,6 +255,7 @@ def check_clone(output_dir):
         for key, value in befores[src].items():
             assert torch.equal(afters[dst][key], value), f"member {dst} differs from source {src} at {key}"
             assert afters[dst][key].dtype == value.dtype
+        assert any(k.startswith("average.") for k in afters[dst]) == bool(fitness_ema_steps)
         steps = [k for k in afters[dst] if k.endswith(".step")]
         assert (
             steps
@@ -288,6 +292,53 @@ def check_selection(output_dir):
         assert best["parent"] is None, "the best member is never replaced"
         assert all(records[r["parent"]]["fitness"] is not None for r in records if r["parent"] is not None)
     assert all(r["parent"] is None for r in trainer.clan_history if r["round"] == rounds[-1])
+
+
+def check_fitness_ema(output_dir):
+    """Fitness is measured at the EMA of the weights. With a horizon of one step the EMA is the last weights: the
+    same run as without it, bit for bit. With a horizon longer than the run it is the mean of every step so far:
+    round 0 ranks what the window average over the whole round ranks, and later rounds differ, because the EMA goes
+    on where the window's average starts afresh."""
+    settings = {"raw": {"fitness_ema_steps": 0}, "ema1": {"fitness_ema_steps": 1},
+                "long": {"fitness_ema_steps": 100}, "window": {"fitness_average_window": 1.0}}  # fmt: skip
+    fitness = {}
+    for name, kwargs in settings.items():
+        trainer = make_trainer(f"{output_dir}/{name}", max_steps=12, **kwargs)
+        trainer.train()
+        fitness[name] = {(r["round"], r["member"]): r["fitness"] for r in trainer.clan_history}
+    assert fitness["ema1"] == fitness["raw"]
+    members = range(dist.get_world_size())
+    for member in members:
+        assert math.isclose(fitness["long"][0, member], fitness["window"][0, member], rel_tol=1e-6)
+        assert fitness["long"][0, member] != fitness["raw"][0, member]
+    assert [fitness["long"][1, m] for m in members] != [fitness["window"][1, m] for m in members]
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt  # stands for a killed job, right after its checkpoint is complete
+
+
+def check_fitness_ema_resume(output_dir):
+    """A run stopped at a checkpoint in mid-round and resumed equals one never interrupted: the fitness EMA is in the
+    checkpoint, so every later round ranks the same."""
+    settings = dict(max_steps=12, save_strategy="steps", save_steps=6, fitness_ema_steps=3)
+    uninterrupted = make_trainer(f"{output_dir}/a", **settings)
+    uninterrupted.train()
+    stopped = make_trainer(f"{output_dir}/b", **settings)
+    stopped.add_callback(StopAfter(6))
+    try:
+        stopped.train()
+    except KeyboardInterrupt:
+        pass
+    resumed = make_trainer(f"{output_dir}/b", **settings)
+    resumed.train(resume_from_checkpoint=f"{output_dir}/b/checkpoint-6")
+    assert resumed.clan_history == uninterrupted.clan_history
+    assert all(torch.equal(a, b) for a, b in zip(resumed._average.mean, uninterrupted._average.mean, strict=True))
 
 
 def check_final(output_dir):
@@ -378,8 +429,9 @@ def check_selection_waits_for_a_significant_margin(output_dir):
     Each member's scores per batch are its own eval loss on each batch."""
     genes = {"noop": {"value": 0.5, "low": 0.0, "high": 1.0, "expression": _ignore}}
     for confidence, replaces in ((0.0, True), (0.5, False)):
+        # Fitness at the last weights (no EMA): the reference evaluates them.
         trainer = make_trainer(f"{output_dir}/{confidence}", BatchLossTrainer, genes=genes, max_steps=12,
-                               selection_confidence=confidence, save_strategy="no")  # fmt: skip
+                               selection_confidence=confidence, save_strategy="no", fitness_ema_steps=0)  # fmt: skip
         trainer.train()
         fitness = {r["fitness"] for r in trainer.clan_history}
         assert len(fitness) == len(trainer.clan_history) // dist.get_world_size(), "members tie in every round"

@@ -373,3 +373,22 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     stderr = refusal("schedule_suite.py", "--tiny", "--problems", "lm_lr_high", "--seeds", "1", "--methods",
                      "default,oracle", "--reference", str(ref / "results.json"), "--out", str(bad))  # fmt: skip
     assert "keeps lm_lr_low as it ran" in stderr, stderr
+
+
+def test_ranking_horizon_tiny(tmp_path):
+    """Every fitness of a branch is measured at the weights it names: an EMA with a horizon of one step and the mean
+    of the round's last step are the branch's last weights, so they score exactly what `raw` scores."""
+    out = tmp_path / "horizon"
+    stdout = run_script(
+        "ranking_horizon.py", "--tiny", "--problem", "warmup_decay", "--rates", "0.03,0.001", "--seeds", "0",
+        "--average", "1,2", "--ema", "1,4", "--anneal", "2", "--out", str(out),
+    )  # fmt: skip
+    with open(out / "result.json") as f:
+        result = json.load(f)
+    (entry,) = result["results"]
+    for scores in entry["scores"].values():
+        assert scores["ema1"] == scores["raw"] and scores["avg1"] == scores["raw"]
+        assert (
+            scores["ema4"] != scores["raw"] and scores["anneal2"] != scores["raw"] and scores["truth"] != scores["raw"]
+        )
+    assert "| picks |" in stdout and "mean regret" in stdout

@@ -20,6 +20,19 @@ def test_clone_copies_weights_buffers_and_optimizer_state_bit_for_bit(tmp_path, 
     run_clan(clan_checks.check_clone, num_processes, str(tmp_path))
 
 
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_clone_copies_its_sources_fitness_ema_bit_for_bit(tmp_path, num_processes):
+    run_clan(clan_checks.check_clone, num_processes, str(tmp_path), 3)
+
+
+def test_fitness_is_measured_at_the_ema_of_the_weights(tmp_path):
+    run_clan(clan_checks.check_fitness_ema, 2, str(tmp_path))
+
+
+def test_a_resumed_run_keeps_its_fitness_ema(tmp_path):
+    run_clan(clan_checks.check_fitness_ema_resume, 2, str(tmp_path))
+
+
 def test_a_far_off_member_trains_alone_while_the_others_share(tmp_path):
     run_clan(clan_checks.check_soloist, 4, str(tmp_path))
 

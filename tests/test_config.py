@@ -21,8 +21,21 @@ def test_defaults(tmp_path):
     assert isinstance(args, TrainingArguments)
     search = (args.initial_spread, args.step_size_control, args.mirrored_clones, args.resample_probability)
     assert search == ("stratified", "success", True, 0.25)
-    assert (args.selection_fraction, args.fitness_average_window) == (0.25, 0.0)
+    assert (args.selection_fraction, args.fitness_average_window, args.fitness_ema_steps) == (0.25, 0.0, 25)
     assert args.window_lr_scaling is True
+
+
+def test_members_are_ranked_at_an_ema_unless_sharded_or_given_a_window(tmp_path):
+    assert config(tmp_path).fitness_ema_steps == 25
+    assert config(tmp_path, ranks_per_member=2).fitness_ema_steps == 0
+    assert config(tmp_path, fitness_average_window=0.5).fitness_ema_steps == 0
+    assert config(tmp_path, fitness_ema_steps=0).fitness_ema_steps == 0  # an explicit value is kept
+    assert config(tmp_path, fitness_ema_steps=7).fitness_ema_steps == 7
+    # The resolved value round-trips: a config rebuilt from to_dict() ranks the same way.
+    assert (
+        config(tmp_path, **{"fitness_ema_steps": config(tmp_path).to_dict()["fitness_ema_steps"]}).fitness_ema_steps
+        == 25
+    )
 
 
 def test_the_run_cools_down_unless_its_schedule_has_a_decay_phase_of_its_own(tmp_path):
@@ -84,11 +97,12 @@ def test_command_line_sets_the_search(tmp_path):
     parser = HfArgumentParser(ClanConfig)
     argv = (
         f"--output_dir {tmp_path} --initial_spread local --step_size_control self_adaptive --mirrored_clones False "
-        "--resample_probability 0.1 --fitness_average_window 0 --window_lr_scaling False"
+        "--resample_probability 0.1 --fitness_average_window 0 --window_lr_scaling False --fitness_ema_steps 25"
     ).split()
     (args,) = parser.parse_args_into_dataclasses(argv)
     assert (args.initial_spread, args.step_size_control, args.mirrored_clones) == ("local", "self_adaptive", False)
     assert (args.resample_probability, args.fitness_average_window, args.window_lr_scaling) == (0.1, 0.0, False)
+    assert args.fitness_ema_steps == 25
     with pytest.raises(SystemExit):  # argparse names the field and its choices
         parser.parse_args_into_dataclasses(f"--output_dir {tmp_path} --initial_spread uniform".split())
 

@@ -1,4 +1,5 @@
-"""The fitness weight average, in one process: the mean it keeps, the swap it evaluates under, its checkpoint."""
+"""The fitness weight average, in one process: the mean (or EMA) it keeps, the swap it evaluates under, its
+checkpoint."""
 
 import torch
 from torch import nn
@@ -68,3 +69,22 @@ def test_state_dict_round_trip_continues_the_same_mean():
         torch.testing.assert_close(a, b)
     restored.load_state_dict({}, model)
     assert restored.mean is None
+
+
+def test_ema_is_a_plain_mean_until_its_horizon_then_exponential():
+    model, average = make_model(), WeightAverage(horizon=2)
+    first = model[0].weight.detach().clone()
+    values = [first]
+    average.update(model)
+    for step in range(3):
+        with torch.no_grad():
+            model[0].weight.add_(step + 1.0)
+        values.append(model[0].weight.detach().clone())
+        average.update(model)
+    # Steps 1-2: the plain mean; from step 3 each new step weighs 1/2.
+    expected = (values[0] + values[1]) / 2
+    for value in values[2:]:
+        expected = expected + (value - expected) / 2
+    torch.testing.assert_close(average.mean[0], expected)
+    state = average.state_dict()
+    assert int(state["count"]) == 4

@@ -46,10 +46,11 @@ def train_lora_clan(output_dir: str) -> None:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen[name]), f"frozen base weight {name} changed"
-    # What one clone moves: every trainable tensor, its two Adam moments and step, and the model's buffers.
+    # What one clone moves: every trainable tensor, its two Adam moments and step, its fitness EMA, and the model's
+    # buffers.
     trainable = [p for p in model.parameters() if p.requires_grad]
-    expected = 3 * state_bytes(trainable) + len(trainable) * 4 + state_bytes(model.buffers())
-    full = 3 * state_bytes(model.parameters()) + len(list(model.parameters())) * 4 + state_bytes(model.buffers())
+    expected = 4 * state_bytes(trainable) + len(trainable) * 4 + state_bytes(model.buffers())
+    full = 4 * state_bytes(model.parameters()) + len(list(model.parameters())) * 4 + state_bytes(model.buffers())
     totals = [None] * dist.get_world_size()
     dist.all_gather_object(totals, sent)
     if dist.get_rank() == 0:

@@ -50,6 +50,7 @@ def test_layouts_that_make_no_clan_are_refused_at_init(tmp_path):
         ({"ranks_per_member": 0}, "ranks_per_member"),
         ({"ranks_per_member": 1.5}, "ranks_per_member"),
         ({"ranks_per_member": 2, "fitness_average_window": 0.5}, "fitness_average_window"),
+        ({"ranks_per_member": 2, "fitness_ema_steps": 12}, "fitness_ema_steps"),
     ],
 )
 def test_bad_ranks_per_member_settings_are_refused(tmp_path, kwargs, field):

@@ -83,8 +83,8 @@ def count_clone_bytes() -> list[int]:
     sent = []
     send_member = clantune_hf.clan_trainer.send_member
 
-    def counting_send_member(model, optimizer, dst):
-        sent.append(send_member(model, optimizer, dst))
+    def counting_send_member(model, optimizer, dst, extra=()):
+        sent.append(send_member(model, optimizer, dst, extra))
         return sent[-1]
 
     clantune_hf.clan_trainer.send_member = counting_send_member
