@@ -323,20 +323,27 @@ class StopAfter(TrainerCallback):
             raise KeyboardInterrupt  # stands for a killed job, right after its checkpoint is complete
 
 
+def resumed_after_stop(make, output_dir: str, step: int, **settings) -> ClanTrainer:
+    """A run made by `make(output_dir, **settings)`, stopped right after its checkpoint at `step` (as a killed job
+    would be), then resumed from that checkpoint by a new trainer, which is returned."""
+    stopped = make(output_dir, **settings)
+    stopped.add_callback(StopAfter(step))
+    try:
+        stopped.train()
+    except KeyboardInterrupt:
+        pass
+    resumed = make(output_dir, **settings)
+    resumed.train(resume_from_checkpoint=f"{output_dir}/checkpoint-{step}")
+    return resumed
+
+
 def check_fitness_ema_resume(output_dir):
     """A run stopped at a checkpoint in mid-round and resumed equals one never interrupted: the fitness EMA is in the
     checkpoint, so every later round ranks the same."""
     settings = dict(max_steps=12, save_strategy="steps", save_steps=6, fitness_ema_steps=3)
     uninterrupted = make_trainer(f"{output_dir}/a", **settings)
     uninterrupted.train()
-    stopped = make_trainer(f"{output_dir}/b", **settings)
-    stopped.add_callback(StopAfter(6))
-    try:
-        stopped.train()
-    except KeyboardInterrupt:
-        pass
-    resumed = make_trainer(f"{output_dir}/b", **settings)
-    resumed.train(resume_from_checkpoint=f"{output_dir}/b/checkpoint-6")
+    resumed = resumed_after_stop(make_trainer, f"{output_dir}/b", 6, **settings)
     assert resumed.clan_history == uninterrupted.clan_history
     assert all(torch.equal(a, b) for a, b in zip(resumed._average.mean, uninterrupted._average.mean, strict=True))
 

@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from clan_checks import digest, gather, make_soloist
+from clan_checks import digest, gather, make_soloist, resumed_after_stop
 from testing_utils import PatternDataset, tiny_gpt2
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 from clantune_hf import ClanConfig, ClanTrainer
 from clantune_hf.exchange import member_tensors
@@ -260,15 +260,6 @@ def check_clone_fitness_and_save(output_dir):
     assert torch.allclose(torch.as_tensor(prediction.predictions), expected, rtol=1e-4, atol=1e-5)
 
 
-class StopAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt  # stands for a killed job, right after its checkpoint is complete
-
-
 def check_resume(output_dir):
     """A run stopped after a checkpoint and resumed from it equals a run that was never interrupted: the history,
     every member's final shards, and the saved model."""
@@ -277,14 +268,7 @@ def check_resume(output_dir):
     uninterrupted.train()
     expected = local_state(uninterrupted)
 
-    stopped = make_trainer(f"{output_dir}/b", **settings)
-    stopped.add_callback(StopAfter(6))
-    try:
-        stopped.train()
-    except KeyboardInterrupt:
-        pass
-    resumed = make_trainer(f"{output_dir}/b", **settings)
-    resumed.train(resume_from_checkpoint=f"{output_dir}/b/checkpoint-6")
+    resumed = resumed_after_stop(make_trainer, f"{output_dir}/b", 6, **settings)
     assert resumed.clan_history == uninterrupted.clan_history
     actual = local_state(resumed)
     assert set(actual) == set(expected)
