@@ -44,6 +44,11 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
         fitness = f"`{trainer.fitness_metric}` ({'higher' if trainer.greater_is_better else 'lower'} is better)"
     if trainer._average_steps:
         fitness += f" at the mean of its weights over the round's last {trainer._average_steps} steps"
+    elif trainer.args.fitness_ema_steps:
+        fitness += (
+            f" at an exponential moving average of its weights over about {trainer.args.fitness_ema_steps} steps"
+            " (`fitness_ema_steps`)"
+        )
     link = f"[{finetuned_from}](https://huggingface.co/{finetuned_from})"
     if is_peft:
         origin = "This adapter was trained over a frozen base model"

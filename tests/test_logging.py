@@ -107,6 +107,7 @@ def test_model_card_shows_the_clan_and_its_schedule(clan_run):
     assert card.startswith("---\n") and "library_name: transformers" in card and "clan-training" in card
     assert "**2 members**" in card and f"**{ROUND_STEPS} steps**" in card and "**duty cycle 0.5**" in card
     assert "learning rate times √(1/k)" in card and "`window_lr_scaling`" in card
+    assert "exponential moving average of its weights over about 25 steps (`fitness_ema_steps`)" in card
     rows = [line for line in card.splitlines() if line.startswith("| ") and "–" in line.split("|")[1]]
     assert len(rows) == len(schedule["segments"]), f"schedule table rows {rows}"
     for row, segment in zip(rows, schedule["segments"], strict=True):
