@@ -202,13 +202,14 @@ def model_bytes(settings: dict, ranks_per_member: int = 1) -> dict:
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
     # AdamW state per parameter tensor: exp_avg and exp_avg_sq (like the parameter) and a float32 `step` scalar.
     optimizer = 2 * params + 4 * tensors * ranks_per_member
+    ema = params if ranks_per_member == 1 else 0  # `fitness_ema_steps` defaults to 0 for a sharded member
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "param_bytes": params,
         "buffer_bytes": buffers,
         "optimizer_state_bytes": optimizer,
-        "fitness_ema_bytes": params if ranks_per_member == 1 else 0,
-        "clone_bytes_expected": params + buffers + optimizer + (params if ranks_per_member == 1 else 0),
+        "fitness_ema_bytes": ema,
+        "clone_bytes_expected": params + buffers + optimizer + ema,
     }
 
 

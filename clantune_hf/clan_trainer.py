@@ -645,8 +645,8 @@ class ClanTrainer(Trainer):
         """Overwrite each member `dst` of a {dst: src} plan with member `src`'s weights and optimizer state."""
         for dst, src in sorted(plan.items()):
             # Only the two ranks of a pair take part; every rank walks the same plan in the same order.
-            # A fitness EMA is the member's own history: the clone takes its source's (a window's average is empty
-            # here, between rounds).
+            # A fitness EMA is the member's own history, so the clone takes its source's. Both ranks hold one (every
+            # member folds in every step); a window's average is empty between rounds and sends nothing.
             ema = (self._average.mean or []) if self.args.fitness_ema_steps else []
             if self.member == src:
                 send_member(self.model, self.optimizer, self.layout.rank_of(dst), ema)

@@ -158,14 +158,13 @@ def recv_member(
     own = [t for _, t in member_tensors(model)]
     state_shapes = [(desc[1], desc[2]) for _, _, desc in manifest if desc[0] == "tensor"]
     received = _recv_flat(_shapes(own) + state_shapes + _shapes(list(extra)), src)
+    weights, state = received[: len(own)], received[len(own) : len(own) + len(state_shapes)]
     with torch.no_grad():
-        for target, value in zip(own, received[: len(own)], strict=True):
-            local(target).copy_(value)
-        for target, value in zip(extra, received[len(received) - len(extra) :], strict=True):
+        for target, value in zip([*own, *extra], weights + received[len(own) + len(state_shapes) :], strict=True):
             local(target).copy_(value)
     params = _optimizer_params(optimizer)
     new_state: dict[nn.Parameter, dict] = {}
-    tensors = iter(received[len(own) : len(received) - len(extra)])
+    tensors = iter(state)
     for index, key, desc in manifest:
         param = params[index]
         if desc[0] == "tensor":

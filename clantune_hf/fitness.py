@@ -72,7 +72,7 @@ class WeightAverage:
             self.mean, self.count = [p.clone() for p in params], 1
             return
         self.count += 1
-        torch._foreach_lerp_(self.mean, params, max(1.0 / self.count, 1.0 / self.horizon if self.horizon else 0.0))
+        torch._foreach_lerp_(self.mean, params, 1.0 / min(self.count, self.horizon or self.count))
 
     def reset(self) -> None:
         self.mean, self.count = None, 0
