@@ -25,7 +25,7 @@ import argparse
 import json
 import os
 
-from schedule_suite import PROBLEMS, SUITES, Settings, _run, problem_settings
+from schedule_suite import ALL_PROBLEMS, SUITES, Settings, _run, problem_settings
 
 import clantune_hf
 
@@ -53,7 +53,7 @@ class FixedMembersTrainer(clantune_hf.ClanTrainer):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problem", required=True, choices=list(PROBLEMS))
+    parser.add_argument("--problem", required=True, choices=list(ALL_PROBLEMS))
     parser.add_argument("--learning-rates", required=True, help="One rate per member, comma-separated (P = count).")
     parser.add_argument("--out", default=None, help="Run directory (default: bench_out/fixed_members/<problem>).")
     parser.add_argument("--full", action="store_true", help="The full suite's budget instead of --quick's.")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     suite = "tiny" if args.tiny else "full" if args.full else "quick"
     cache = os.path.join(out, "cache")
     settings = Settings(**{**SUITES[suite], "num_processes": len(rates)}, seed=args.seed, cache_dir=cache)
-    settings = problem_settings(PROBLEMS[args.problem], settings)
+    settings = problem_settings(ALL_PROBLEMS[args.problem], settings)
     overrides = {"genes": ["learning_rate"], "resample_probability": 0.0}
     if args.duty_cycle is not None:
         overrides["duty_cycle"] = args.duty_cycle

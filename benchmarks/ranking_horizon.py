@@ -29,7 +29,7 @@ import os
 
 import torch
 from bench_utils import mean_loss, write_json
-from schedule_suite import PROBLEMS, SUITES, Settings, problem_settings
+from schedule_suite import ALL_PROBLEMS, SUITES, Settings, problem_settings
 from transformers import default_data_collator
 
 
@@ -108,7 +108,7 @@ def branch_scores(trunk: Run, rate: float, start: int, settings: Settings, args,
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problem", required=True, choices=list(PROBLEMS))
+    parser.add_argument("--problem", required=True, choices=list(ALL_PROBLEMS))
     parser.add_argument("--rates", required=True, help="The branches' learning rates, comma-separated.")
     parser.add_argument("--trunk-lr", type=float, default=None, help="The trunk's rate (default: the start's).")
     parser.add_argument("--branch", default="50,100,175", help="Trunk lengths (steps) to branch at.")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.average, args.anneal = ints(args.average), ints(args.anneal)
     rates = [float(r) for r in args.rates.split(",")]
-    problem = PROBLEMS[args.problem]
+    problem = ALL_PROBLEMS[args.problem]
     out = args.out or os.path.join("bench_out", "ranking_horizon", args.problem)
     os.makedirs(out, exist_ok=True)
     settings = problem_settings(problem, Settings(**SUITES["tiny" if args.tiny else "quick"], cache_dir=out))

@@ -185,7 +185,7 @@ def _trial(config: dict, problem_name: str, settings_dict: dict, job_dir: str) -
     began = time.time()
     import torch
     from ray import tune
-    from schedule_suite import PROBLEMS, Settings, _training_fields
+    from schedule_suite import ALL_PROBLEMS, Settings, _training_fields
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from clantune_hf.expression import check_expressible, decay_groups, express
@@ -193,7 +193,7 @@ def _trial(config: dict, problem_name: str, settings_dict: dict, job_dir: str) -
     # Ray workers are spawned by the raylet, not by `launch`: one thread each, like every other run of the suite.
     torch.set_num_threads(1)
     settings = Settings(**settings_dict)
-    problem = PROBLEMS[problem_name]
+    problem = ALL_PROBLEMS[problem_name]
     metric, mode = _metric(problem)
     genes = dict(config)
     trial_id = tune.get_context().get_trial_id()
@@ -307,9 +307,9 @@ def run_ray_pbt(problem_name: str, settings, job_dir: str) -> None:
     import ray
     from bench_utils import cpu_cores, lr_shape, write_json
     from ray import tune
-    from schedule_suite import PROBLEMS, _training_fields
+    from schedule_suite import ALL_PROBLEMS, _training_fields
 
-    problem = PROBLEMS[problem_name]
+    problem = ALL_PROBLEMS[problem_name]
     job_dir = os.path.abspath(job_dir)
     # Trials run with another working directory: every path they get must be absolute.
     settings = dataclasses.replace(settings, cache_dir=os.path.abspath(settings.cache_dir))

@@ -179,13 +179,15 @@ def test_tables_aggregate_seeds_and_count_per_method():
 
 
 def test_every_problem_builds_and_trains_a_step(tmp_path):
-    """Every problem, including those the tiny run above skips: its data, model and (for fine-tuning) pretrained
-    start build, and the model takes a finite loss on its data with every model setting of the oracle grid."""
+    """Every problem, the held-out ones and those the tiny run above skips included: its data, model and (for
+    fine-tuning) pretrained start build, and the model takes a finite loss on its data with every model setting of
+    the oracle grid."""
     suite = load_suite()
     settings = suite.Settings(**suite.SUITES["tiny"], cache_dir=str(tmp_path))
     quick, full = (suite.Settings(**suite.SUITES[name]) for name in ("quick", "full"))
-    assert len(suite.PROBLEMS) >= 10
-    for name, problem in suite.PROBLEMS.items():
+    assert len(suite.PROBLEMS) >= 10 and suite.HELD_OUT
+    assert not set(suite.PROBLEMS) & set(suite.HELD_OUT)
+    for name, problem in suite.ALL_PROBLEMS.items():
         assert problem.mis_set, name
         if problem.setup is not None:
             problem.setup(settings)
@@ -211,6 +213,19 @@ def test_every_problem_builds_and_trains_a_step(tmp_path):
                 assert any({**problem.start, **point} == problem.start for point in suite.oracle_grid(problem, grid))
     horizon = suite.problem_settings(suite.PROBLEMS["lm_long_horizon"], quick)
     assert horizon.steps // horizon.round_steps >= 40
+
+
+def test_schedule_suite_runs_the_held_out_problems_apart(tmp_path):
+    """`--problems held_out` runs every held-out problem and only those: the suite's own tables and counts never
+    mix with them."""
+    suite = load_suite()
+    out = tmp_path / "held_out"
+    run_script("schedule_suite.py", "--tiny", "--problems", "held_out", "--methods", "default", "--out", str(out))
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert list(results["problems"]) == list(suite.HELD_OUT)
+    assert all(p["methods"]["default"]["status"] == "ok" for p in results["problems"].values())
+    assert "ho_llama_lr_low" in (out / "table.md").read_text() and "lm_lr_low |" not in (out / "table.md").read_text()
 
 
 def test_overhead_tiny(tmp_path):
