@@ -134,6 +134,7 @@ VARIANTS: dict[str, dict] = {
     "no_window_scaling": {"window_lr_scaling": False},
     "no_cooldown": {"cooldown_fraction": 0.0},
     "no_ema": {"fitness_ema_steps": 0},
+    "warmup_selection": {"select_in_warmup": True},
     # Not a ClanConfig field: per-gene options merged into the problem's genes (where it schedules that gene).
     "linear_weight_decay": {"gene_options": {"weight_decay": {"scale": "linear"}}},
     "averaging": {"fitness_average_window": 0.5},
@@ -146,6 +147,7 @@ VARIANTS: dict[str, dict] = {
         "window_lr_scaling": False,
         "cooldown_fraction": 0.0,
         "fitness_ema_steps": 0,
+        "select_in_warmup": True,
         "gene_options": {"weight_decay": {"scale": "linear"}},
     },  # fmt: skip
     # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a
@@ -160,6 +162,10 @@ VARIANTS: dict[str, dict] = {
     # Cloning gated on a paired test over the eval batches.
     "confident_0.75": {"selection_confidence": 0.75},
     "confident_0.9": {"selection_confidence": 0.9},
+    # Clones step a third as far in learning rate (mutation scale 0.1 instead of 0.3, ~10% a step): sharers stay
+    # closer in rate, and the success rule grows the step where a lineage must travel.
+    "lr_step_0.1": {"gene_options": {"learning_rate": {"mutation_scale": 0.1}}},
+    "lr_step_0.2": {"gene_options": {"learning_rate": {"mutation_scale": 0.2}}},
 }
 DEFAULT_SEEDS = {"full": "0", "quick": "0,1,2", "tiny": "0"}
 # `--ray-problems a,b` limits pbt_ray (the slowest method: Ray starts a worker process per trial) to some problems.

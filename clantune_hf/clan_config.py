@@ -82,6 +82,12 @@ class ClanConfig(TrainingArguments):
             On a plateau, members differ by noise, and cloning on noise throws away the member that is about to
             leave it. `0` replaces the bottom fraction whatever the margin. A member with a non-finite fitness is
             always replaced.
+        select_in_warmup (`bool`, *optional*, defaults to `False`):
+            Whether rounds that end inside the scheduler's warmup (`warmup_steps`) select and clone. While the warmup
+            ramps every member's rate up, a member's rate is a fraction of what its learning-rate gene will give it,
+            so the largest genes look best and take the clan over, then diverge together when the warmup ends. With
+            `False` those rounds only rank and record; a member with a non-finite fitness is still replaced. A
+            warmup shorter than a round changes nothing.
         initial_spread (`str`, *optional*, defaults to `"stratified"`):
             Where members 1..N-1 start (member 0 always starts at the configured values). `"stratified"` spreads
             them across each gene's bounds, one stratum per member (a Latin hypercube); `"local"` starts them one
@@ -190,6 +196,13 @@ class ClanConfig(TrainingArguments):
         metadata={
             "help": "Replace a member only when its clone source is better with this confidence (one-sided paired "
             "t-test over the eval batches), in [0, 1); 0 replaces the bottom fraction whatever the margin."
+        },
+    )
+    select_in_warmup: bool = field(
+        default=False,
+        metadata={
+            "help": "Select and clone in rounds that end inside the scheduler's warmup, where a member's rate is "
+            "still a fraction of its gene's; False only ranks them (a non-finite member is still replaced)."
         },
     )
     initial_spread: str = field(
@@ -376,7 +389,7 @@ class ClanConfig(TrainingArguments):
         for name, choices in (("initial_spread", SPREADS), ("step_size_control", STEP_SIZE_CONTROLS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
-        for name in ("mirrored_clones", "window_lr_scaling"):
+        for name in ("mirrored_clones", "window_lr_scaling", "select_in_warmup"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.fitness_eval_samples is not None and self.fitness_eval_samples < 1:

@@ -635,6 +635,11 @@ class ClanTrainer(Trainer):
             batch_scores=self._gather_fitness_batches() if confidence > 0 else None,
             confidence=confidence,
         )
+        warming_up = self.state.global_step <= self.args.get_warmup_steps(self.state.max_steps)
+        if warming_up and not self.args.select_in_warmup:
+            # The warmup still scales every member's rate down, so the ranking says little about the rate genes
+            # yet; only a member that diverged is replaced. Every rank decides this from the same step.
+            plan = {dst: src for dst, src in plan.items() if not math.isfinite(fitness[dst])}
         self._record_round(fitness, plan)
         self._copy_members(plan)
         self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)

@@ -32,6 +32,12 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
     if args.selection_confidence:
         confidence = f"{args.selection_confidence:.0%} confidence"
         gate = f", when the stronger beat it with {confidence} (a paired t-test over the eval batches)"
+    warmup = args.get_warmup_steps(trainer.state.max_steps)
+    if warmup >= args.round_steps and not args.select_in_warmup:
+        gate += (
+            f" (rounds that ended inside the {warmup}-step learning-rate warmup ranked without cloning,"
+            " `select_in_warmup`)"
+        )
     window = ""
     if trainer._scales_window_lr:
         window = (

@@ -20,6 +20,7 @@ from clantune_hf import ClanConfig, ClanTrainer
 from clantune_hf.dropout import dropout_sites
 from clantune_hf.exchange import member_tensors
 from clantune_hf.genetics import make_rng, mutate
+from clantune_hf.model_card import model_card_body
 
 
 def gather(obj):
@@ -292,6 +293,31 @@ def check_selection(output_dir):
         assert best["parent"] is None, "the best member is never replaced"
         assert all(records[r["parent"]]["fitness"] is not None for r in records if r["parent"] is not None)
     assert all(r["parent"] is None for r in trainer.clan_history if r["round"] == rounds[-1])
+
+
+def check_selection_waits_for_the_warmup(output_dir):
+    """Rounds that end inside the scheduler's warmup rank and record but clone nothing, except a member whose fitness
+    is not finite; later rounds select as usual, and `select_in_warmup=True` selects in every round."""
+    for select_in_warmup in (False, True):
+        # Rounds of 2 steps ending at steps 2, 4, 6 (8 is the final evaluation); the warmup ends at step 4.
+        trainer = make_trainer(f"{output_dir}/{select_in_warmup}", NaNFitnessTrainer, round_steps=2, duty_cycle=0.5,
+                               max_steps=8, warmup_steps=4, selection_fraction=0.5, save_strategy="no",
+                               select_in_warmup=select_in_warmup)  # fmt: skip
+        trainer.train()
+        histories = gather(trainer.clan_history)
+        assert all(h == histories[0] for h in histories), "ranks disagree on the history"
+        replaced = {
+            round_index: sorted(r["member"] for r in trainer.clan_history
+                                if r["round"] == round_index and r["parent"] is not None)
+            for round_index in (0, 1, 2)
+        }  # fmt: skip
+        two = dist.get_world_size() // 2  # selection_fraction=0.5 replaces half the clan: the NaN member and others
+        for round_index, members in replaced.items():
+            in_warmup = round_index < 2 and not select_in_warmup
+            assert 1 in members, "the NaN member is replaced, in the warmup too"
+            assert len(members) == (1 if in_warmup else two), (select_in_warmup, replaced)
+        card = model_card_body(trainer, "clan", None, is_peft=False)
+        assert ("4-step learning-rate warmup ranked without cloning" in card) != select_in_warmup
 
 
 def check_fitness_ema(output_dir):

@@ -48,6 +48,11 @@ def test_selection_agrees_spares_the_best_and_ranks_nan_last(tmp_path, num_proce
 
 
 @pytest.mark.parametrize("num_processes", [2, 4])
+def test_selection_waits_for_the_warmup(tmp_path, num_processes):
+    run_clan(clan_checks.check_selection_waits_for_the_warmup, num_processes, str(tmp_path))
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
 def test_training_ends_with_the_best_member_on_every_rank(tmp_path, num_processes):
     run_clan(clan_checks.check_final, num_processes, str(tmp_path))
 

@@ -42,6 +42,7 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"resample_probability": "0.25"}, "resample_probability"),
         ({"mirrored_clones": "yes"}, "mirrored_clones"),
         ({"window_lr_scaling": 1}, "window_lr_scaling"),
+        ({"select_in_warmup": "no"}, "select_in_warmup"),
         ({"fitness_average_window": 1.5}, "fitness_average_window"),
         ({"fitness_average_window": float("nan")}, "fitness_average_window"),
         ({"fitness_ema_steps": -1}, "fitness_ema_steps"),
