@@ -162,8 +162,8 @@ VARIANTS: dict[str, dict] = {
     # Cloning gated on a paired test over the eval batches.
     "confident_0.75": {"selection_confidence": 0.75},
     "confident_0.9": {"selection_confidence": 0.9},
-    # Clones step a third as far in learning rate (mutation scale 0.1 instead of 0.3, ~10% a step): sharers stay
-    # closer in rate, and the success rule grows the step where a lineage must travel.
+    # Clones step a third / two thirds as far in learning rate (mutation scale 0.1 / 0.2 instead of 0.3): sharers
+    # stay closer in rate, and the success rule grows the step where a lineage must travel.
     "lr_step_0.1": {"gene_options": {"learning_rate": {"mutation_scale": 0.1}}},
     "lr_step_0.2": {"gene_options": {"learning_rate": {"mutation_scale": 0.2}}},
 }
