@@ -10,8 +10,8 @@ The search (docs/search.md explains it with its references):
   a member near the optimum in round one.
 - **Truncation selection.** The bottom fraction is replaced by clones of the top fraction; the best member is never
   replaced. Optionally (`selection_confidence`) a member is replaced only when its source beats it significantly,
-  by a paired t-test over the eval batches. Rounds that end inside the scheduler's warmup replace only non-finite
-  members (`select_in_warmup`, applied by the trainer to this plan).
+  by a paired t-test over the eval batches. With `select_in_warmup=False`, rounds that end inside the scheduler's
+  warmup replace only non-finite members (the trainer applies it to this plan).
 - **Mutation.** A clone mutates each gene's mutation scale first (log-normal self-adaptation), then the value with
   the new scale, reflected into the bounds. Clones made in the same round come in mirrored pairs (`u + s*z`,
   `u - s*z`), and each gene is instead drawn afresh from its bounds with probability `resample_probability`.

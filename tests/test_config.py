@@ -22,7 +22,7 @@ def test_defaults(tmp_path):
     search = (args.initial_spread, args.step_size_control, args.mirrored_clones, args.resample_probability)
     assert search == ("stratified", "success", True, 0.25)
     assert (args.selection_fraction, args.fitness_average_window, args.fitness_ema_steps) == (0.25, 0.0, 25)
-    assert args.window_lr_scaling is True and args.select_in_warmup is False
+    assert args.window_lr_scaling is True and args.select_in_warmup is True
 
 
 def test_members_are_ranked_at_an_ema_unless_sharded_or_given_a_window(tmp_path):
@@ -98,12 +98,12 @@ def test_command_line_sets_the_search(tmp_path):
     argv = (
         f"--output_dir {tmp_path} --initial_spread local --step_size_control self_adaptive --mirrored_clones False "
         "--resample_probability 0.1 --fitness_average_window 0 --window_lr_scaling False --fitness_ema_steps 25 "
-        "--select_in_warmup True"
+        "--select_in_warmup False"
     ).split()
     (args,) = parser.parse_args_into_dataclasses(argv)
     assert (args.initial_spread, args.step_size_control, args.mirrored_clones) == ("local", "self_adaptive", False)
     assert (args.resample_probability, args.fitness_average_window, args.window_lr_scaling) == (0.1, 0.0, False)
-    assert args.fitness_ema_steps == 25 and args.select_in_warmup is True
+    assert args.fitness_ema_steps == 25 and args.select_in_warmup is False
     with pytest.raises(SystemExit):  # argparse names the field and its choices
         parser.parse_args_into_dataclasses(f"--output_dir {tmp_path} --initial_spread uniform".split())
 
