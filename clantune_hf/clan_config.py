@@ -87,9 +87,9 @@ class ClanConfig(TrainingArguments):
             ramps every member's rate up, a member's rate is a fraction of what its learning-rate gene will give it,
             so the largest genes look best: where the warmup is needed they can take the clan over and diverge
             together when it ends; where it is not, growing the gene is what undoes it. With `False` those rounds
-            only rank and record (a member with a non-finite fitness is still replaced); the benchmark suite found
-            it safer on one long warmup and worse on another, so it is off by default. A warmup shorter than a round
-            changes nothing.
+            only rank and record (a member with a non-finite fitness is still replaced). On the held-out benchmark
+            problems waiting was safer on a long warmup that was needed and worse on one that was not, so the
+            default selects. A warmup shorter than a round changes nothing.
         initial_spread (`str`, *optional*, defaults to `"stratified"`):
             Where members 1..N-1 start (member 0 always starts at the configured values). `"stratified"` spreads
             them across each gene's bounds, one stratum per member (a Latin hypercube); `"local"` starts them one
