@@ -32,19 +32,17 @@ from bench_utils import mean_loss, write_json
 from schedule_suite import ALL_PROBLEMS, SUITES, Settings, problem_settings
 from transformers import default_data_collator
 
-
-def _params(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
+from clantune_hf.fitness import WeightAverage
 
 
 class Run:
-    """A model, its optimizer, the EMAs of its weights, and the data order every branch shares."""
+    """A model, its optimizer, the EMAs of its weights (the clan's own `WeightAverage`, updated every step since
+    step 0), and the data order every branch shares."""
 
     def __init__(self, model, train, steps: int, batch: int, seed: int, horizons: list[int]):
         self.model = model
-        self.optimizer = torch.optim.AdamW(_params(model), lr=0.0, weight_decay=0.0)
-        self.emas = {h: [p.detach().clone() for p in _params(model)] for h in horizons}
-        self.count = 0
+        self.optimizer = torch.optim.AdamW(WeightAverage.parameters(model), lr=0.0, weight_decay=0.0)
+        self.emas = {h: WeightAverage(horizon=h) for h in horizons}
         self.train = train
         generator = torch.Generator().manual_seed(seed)
         self.order = torch.randint(0, len(train), (steps, batch), generator=generator)
@@ -56,42 +54,30 @@ class Run:
         self.model(**batch).loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
-        self.count += 1
-        with torch.no_grad():
-            params = [p.detach() for p in _params(self.model)]
-            for horizon, ema in self.emas.items():
-                # A plain mean until there are `horizon` steps, so the initial weights fade out at once.
-                torch._foreach_lerp_(ema, params, max(1.0 / horizon, 1.0 / self.count))
+        for ema in self.emas.values():
+            ema.update(self.model)
 
     def copy(self) -> Run:
         # The data and its order are shared, not copied.
         return copy.deepcopy(self, {id(self.train): self.train, id(self.order): self.order})
 
-    def loss_at(self, weights: list[torch.Tensor], val) -> float:
-        evaluated = copy.deepcopy(self.model)
-        with torch.no_grad():
-            for p, w in zip(_params(evaluated), weights, strict=True):
-                p.copy_(w)
-        return mean_loss(evaluated, val)
+    def loss_at(self, average: WeightAverage, val) -> float:
+        with average.swapped_in(self.model):
+            return mean_loss(self.model, val)
 
 
 def branch_scores(trunk: Run, rate: float, start: int, settings: Settings, args, val) -> dict[str, float]:
     """Every candidate fitness of one branch, and its truth."""
     run = trunk.copy()
-    averages = {n: None for n in args.average}
+    averages = {n: WeightAverage() for n in args.average}  # the plain mean of the round's last n steps
     for i, t in enumerate(range(start, start + settings.round_steps)):
         run.step(rate, t)
-        for n in averages:
-            tail = i - (settings.round_steps - n)  # this step's place among the round's last n
-            if tail >= 0:
-                params = [p.detach().clone() for p in _params(run.model)]
-                if averages[n] is None:
-                    averages[n] = params
-                else:
-                    torch._foreach_lerp_(averages[n], params, 1.0 / (tail + 1))
+        for n, average in averages.items():
+            if i >= settings.round_steps - n:
+                average.update(run.model)
     end = start + settings.round_steps
     scores = {"raw": mean_loss(run.model, val)}
-    scores |= {f"avg{n}": run.loss_at(mean, val) for n, mean in averages.items()}
+    scores |= {f"avg{n}": run.loss_at(average, val) for n, average in averages.items()}
     scores |= {f"ema{h}": run.loss_at(ema, val) for h, ema in run.emas.items()}
     for k in args.anneal:
         look = run.copy()

@@ -627,6 +627,9 @@ class ClanTrainer(Trainer):
         if self.search.step_size_control == "success":
             self.genomes = adapt_scales(self.genomes, last_plan(self.clan_history), fitness, self.greater_is_better)
         confidence = self.args.selection_confidence
+        # Inside the warmup every member's rate is still scaled down, so the ranking says little about the rate
+        # genes yet (`select_in_warmup`). Every rank decides it from the same step.
+        warming_up = self.state.global_step <= self.args.get_warmup_steps(self.state.max_steps)
         plan = selection_plan(
             fitness,
             self.greater_is_better,
@@ -634,12 +637,8 @@ class ClanTrainer(Trainer):
             make_rng(self.args.seed, "select", self._round_index()),
             batch_scores=self._gather_fitness_batches() if confidence > 0 else None,
             confidence=confidence,
+            rank_only=warming_up and not self.args.select_in_warmup,
         )
-        warming_up = self.state.global_step <= self.args.get_warmup_steps(self.state.max_steps)
-        if warming_up and not self.args.select_in_warmup:
-            # The warmup still scales every member's rate down, so the ranking says little about the rate genes
-            # yet; only a member that diverged is replaced. Every rank decides this from the same step.
-            plan = {dst: src for dst, src in plan.items() if not math.isfinite(fitness[dst])}
         self._record_round(fitness, plan)
         self._copy_members(plan)
         self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)

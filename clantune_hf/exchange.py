@@ -158,9 +158,10 @@ def recv_member(
     own = [t for _, t in member_tensors(model)]
     state_shapes = [(desc[1], desc[2]) for _, _, desc in manifest if desc[0] == "tensor"]
     received = _recv_flat(_shapes(own) + state_shapes + _shapes(list(extra)), src)
-    weights, state = received[: len(own)], received[len(own) : len(own) + len(state_shapes)]
+    state_end = len(own) + len(state_shapes)
+    weights, state, extras = received[: len(own)], received[len(own) : state_end], received[state_end:]
     with torch.no_grad():
-        for target, value in zip([*own, *extra], weights + received[len(own) + len(state_shapes) :], strict=True):
+        for target, value in zip([*own, *extra], weights + extras, strict=True):
             local(target).copy_(value)
     params = _optimizer_params(optimizer)
     new_state: dict[nn.Parameter, dict] = {}

@@ -10,8 +10,8 @@ The search (docs/search.md explains it with its references):
   a member near the optimum in round one.
 - **Truncation selection.** The bottom fraction is replaced by clones of the top fraction; the best member is never
   replaced. Optionally (`selection_confidence`) a member is replaced only when its source beats it significantly,
-  by a paired t-test over the eval batches. With `select_in_warmup=False`, rounds that end inside the scheduler's
-  warmup replace only non-finite members (the trainer applies it to this plan).
+  by a paired t-test over the eval batches; with `select_in_warmup=False`, rounds that end inside the scheduler's
+  warmup replace only members whose fitness is not finite.
 - **Mutation.** A clone mutates each gene's mutation scale first (log-normal self-adaptation), then the value with
   the new scale, reflected into the bounds. Clones made in the same round come in mirrored pairs (`u + s*z`,
   `u - s*z`), and each gene is instead drawn afresh from its bounds with probability `resample_probability`.
@@ -188,6 +188,7 @@ def selection_plan(
     rng: random.Random,
     batch_scores: list[list[float] | None] | None = None,
     confidence: float = 0.0,
+    rank_only: bool = False,
 ) -> dict[int, int]:
     """Truncation selection: `{replaced member: member it clones}`.
 
@@ -196,20 +197,24 @@ def selection_plan(
 
     With `confidence > 0` and each member's fitness per eval batch (`batch_scores`, every member's on the same
     batches), a member is replaced only when its source is better with that confidence by a one-sided paired t-test
-    over the batches (`significantly_better`); a member with a non-finite fitness is always replaced.
+    over the batches (`significantly_better`). With `rank_only` (a round inside the warmup, `select_in_warmup`) only
+    members whose fitness is not finite are replaced. A member with a non-finite fitness is always replaced.
     """
     order = rank_members(fitness, greater_is_better)
     count = replaced_count(len(order), fraction)
     top, bottom = order[:count], order[len(order) - count :]
-    plan = {dst: rng.choice(top) for dst in sorted(bottom)}  # drawn first, so the gate never shifts the draws
-    if confidence <= 0 or batch_scores is None:
-        return plan
-    return {
-        dst: src
-        for dst, src in plan.items()
-        if not math.isfinite(fitness[dst])
-        or significantly_better(batch_scores[src], batch_scores[dst], confidence, greater_is_better)
-    }
+    plan = {dst: rng.choice(top) for dst in sorted(bottom)}  # drawn first, so the gates never shift the draws
+
+    def replaced(dst: int, src: int) -> bool:
+        if not math.isfinite(fitness[dst]):
+            return True
+        if rank_only:
+            return False
+        if confidence <= 0 or batch_scores is None:
+            return True
+        return significantly_better(batch_scores[src], batch_scores[dst], confidence, greater_is_better)
+
+    return {dst: src for dst, src in plan.items() if replaced(dst, src)}
 
 
 def significantly_better(

@@ -405,6 +405,20 @@ def test_gated_selection_keeps_members_that_are_not_significantly_worse():
     assert selection_plan(fitness, False, 0.5, make_rng(0, "select", 0), scores, 0.0) == ungated
 
 
+def test_a_rank_only_round_replaces_only_non_finite_members():
+    """A round inside the warmup (`select_in_warmup=False`) ranks without cloning: only a member whose fitness is not
+    finite is replaced, by the clone the ordinary plan draws for it, gated or not."""
+    fitness = [0.4, 0.2, 0.9, 0.1]
+    ordinary = selection_plan(fitness, False, 0.5, make_rng(0, "select", 0))
+    assert sorted(ordinary) == [0, 2]
+    assert selection_plan(fitness, False, 0.5, make_rng(0, "select", 0), rank_only=True) == {}
+    fitness[2] = math.nan
+    plan = selection_plan(fitness, False, 0.5, make_rng(0, "select", 0), rank_only=True)
+    assert plan == {2: selection_plan(fitness, False, 0.5, make_rng(0, "select", 0))[2]}
+    scores = [[0.4, 0.4], [0.2, 0.2], None, [0.1, 0.1]]
+    assert selection_plan(fitness, False, 0.5, make_rng(0, "select", 0), scores, 0.9, rank_only=True) == plan
+
+
 def test_selection_plan_is_the_same_on_every_rank():
     fitness = [0.4, 0.2, 0.9, 0.1]
     plans = {tuple(selection_plan(fitness, False, 0.5, make_rng(3, "select", 5)).items()) for _ in range(8)}
