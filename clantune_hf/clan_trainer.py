@@ -234,7 +234,7 @@ class ClanTrainer(Trainer):
         # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
         self.callback_handler.callbacks.insert(0, _RoundCallback(self))
         use_clan_console(self)
-        leave_together_at_exit()
+        leave_together_at_exit(*[g for g in (self.layout.member_group, self.layout.peer_group) if g is not None])
 
     @property
     def member(self) -> int:

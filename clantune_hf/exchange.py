@@ -9,6 +9,7 @@ receives its own shard (see members.py), so ranks are always global ranks here.
 
 import atexit
 import sys
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,16 +31,27 @@ def _object_device() -> torch.device | None:
     return comm_device() if dist.get_backend() == "nccl" else None
 
 
-_exit = {"registered": False, "crashed": False}
+_exit = {"registered": False, "crashed": False, "groups": []}
+# How long a process lets go of the GIL at exit, after its last collective (see `leave_together_at_exit`).
+_GIL_GRACE_SECONDS = 0.5
 
 
-def leave_together_at_exit() -> None:
-    """At interpreter exit, wait for every rank, then leave the process group.
+def leave_together_at_exit(*groups: dist.ProcessGroup) -> None:
+    """At interpreter exit, wait for every rank, leave the process group, then let go of the GIL for a moment.
 
     A rank that exits while another still works (e.g. rank 0 saving the model) closes links the others' gloo
-    threads still watch, and a process can abort ("terminate called without an active exception"). A rank dying
-    of an uncaught exception skips the wait, so the launcher sees its error at once instead of a timeout.
+    threads still watch. A rank dying of an uncaught exception skips the wait, so the launcher sees its error at once
+    instead of a timeout.
+
+    The pause is for gloo's worker threads, which can still hold the tensors of the last collectives after the script
+    is done with them (a barrier keeps the collectives before it until the worker that ran it drops it). Freeing a
+    tensor Python has seen takes the GIL. A worker that asks for it once the interpreter finalizes is ended mid-call,
+    which aborts the process ("terminate called without an active exception"); one that asks while the main thread
+    destroys its group (and so joins the workers, holding the GIL) deadlocks it. Both happen after the run has
+    finished and saved, whether the script leaves the group itself (`accelerator.end_training()`) or not. So this
+    holds the default group and `groups` until exit, whoever destroys them, and lets them go only after the pause.
     """
+    _exit["groups"] += [dist.group.WORLD, *groups]
     if _exit["registered"]:
         return
     _exit["registered"] = True
@@ -54,6 +66,8 @@ def leave_together_at_exit() -> None:
             if not _exit["crashed"]:
                 dist.barrier()
             dist.destroy_process_group()
+        time.sleep(_GIL_GRACE_SECONDS)  # sleeping releases the GIL to any worker thread still waiting for it
+        _exit["groups"].clear()  # their workers are idle now, so destroying a group no longer waits on the GIL
 
     sys.excepthook = mark_crash
     atexit.register(leave)
