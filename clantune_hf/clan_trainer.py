@@ -234,7 +234,7 @@ class ClanTrainer(Trainer):
         # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
         self.callback_handler.callbacks.insert(0, _RoundCallback(self))
         use_clan_console(self)
-        leave_together_at_exit(*[g for g in (self.layout.member_group, self.layout.peer_group) if g is not None])
+        leave_together_at_exit(self.layout.member_group, self.layout.peer_group)
 
     @property
     def member(self) -> int:
@@ -621,23 +621,28 @@ class ClanTrainer(Trainer):
     def _round_index(self) -> int:
         return (self.state.global_step - 1) // self.args.round_steps
 
+    def _ranks_only(self, step: int) -> bool:
+        """Whether the round ending at `step` ranks without cloning: `select_in_warmup=False` and the step inside the
+        scheduler's warmup, where every member's rate is still scaled down, so the ranking says little about the rate
+        genes yet. Decided from the step and the config, the same on every rank."""
+        return not self.args.select_in_warmup and step <= self.args.get_warmup_steps(self.state.max_steps)
+
     def _end_round(self) -> None:
         """Fitness, selection, cloning and mutation, at the last step of every round but the final one."""
         fitness = self._gather_fitness()
         if self.search.step_size_control == "success":
             self.genomes = adapt_scales(self.genomes, last_plan(self.clan_history), fitness, self.greater_is_better)
         confidence = self.args.selection_confidence
-        # Inside the warmup every member's rate is still scaled down, so the ranking says little about the rate
-        # genes yet (`select_in_warmup`). Every rank decides it from the same step.
-        warming_up = self.state.global_step <= self.args.get_warmup_steps(self.state.max_steps)
+        rank_only = self._ranks_only(self.state.global_step)
         plan = selection_plan(
             fitness,
             self.greater_is_better,
             self.args.selection_fraction,
             make_rng(self.args.seed, "select", self._round_index()),
-            batch_scores=self._gather_fitness_batches() if confidence > 0 else None,
+            # A collective: every rank takes this branch alike (config and step); a rank-only round has no use for it.
+            batch_scores=self._gather_fitness_batches() if confidence > 0 and not rank_only else None,
             confidence=confidence,
-            rank_only=warming_up and not self.args.select_in_warmup,
+            rank_only=rank_only,
         )
         self._record_round(fitness, plan)
         self._copy_members(plan)

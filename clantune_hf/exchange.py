@@ -36,7 +36,7 @@ _exit = {"registered": False, "crashed": False, "groups": []}
 _GIL_GRACE_SECONDS = 0.5
 
 
-def leave_together_at_exit(*groups: dist.ProcessGroup) -> None:
+def leave_together_at_exit(*groups: dist.ProcessGroup | None) -> None:
     """At interpreter exit, wait for every rank, leave the process group, then let go of the GIL for a moment.
 
     A rank that exits while another still works (e.g. rank 0 saving the model) closes links the others' gloo
@@ -49,9 +49,10 @@ def leave_together_at_exit(*groups: dist.ProcessGroup) -> None:
     which aborts the process ("terminate called without an active exception"); one that asks while the main thread
     destroys its group (and so joins the workers, holding the GIL) deadlocks it. Both happen after the run has
     finished and saved, whether the script leaves the group itself (`accelerator.end_training()`) or not. So this
-    holds the default group and `groups` until exit, whoever destroys them, and lets them go only after the pause.
+    holds the default group and `groups` (None for none) until exit, whoever destroys them, and lets them go only
+    after the pause.
     """
-    _exit["groups"] += [dist.group.WORLD, *groups]
+    _exit["groups"] += [group for group in (dist.group.WORLD, *groups) if group is not None]
     if _exit["registered"]:
         return
     _exit["registered"] = True

@@ -32,8 +32,8 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
     if args.selection_confidence:
         confidence = f"{args.selection_confidence:.0%} confidence"
         gate = f", when the stronger beat it with {confidence} (a paired t-test over the eval batches)"
-    warmup = args.get_warmup_steps(trainer.state.max_steps)
-    if warmup >= args.round_steps and not args.select_in_warmup:
+    if trainer._ranks_only(args.round_steps):  # the first round ended inside the warmup
+        warmup = args.get_warmup_steps(trainer.state.max_steps)
         gate += (
             f" (rounds that ended inside the {warmup}-step learning-rate warmup ranked without cloning,"
             " `select_in_warmup`)"
