@@ -39,9 +39,13 @@ class ClanConfig(TrainingArguments):
 
         round_steps (`int`, *optional*, defaults to `200`):
             Optimizer steps per round: cooperative steps, then competitive steps, then fitness and selection.
-        duty_cycle (`float`, *optional*, defaults to `0.15`):
-            Fraction of a round's steps that are competitive, in [0, 1]. `0.0` never competes (specialized genes are
-            then never expressed individually); `1.0` never shares gradients (population based training).
+        duty_cycle (`float`, *optional*, defaults to `0.08`):
+            Fraction of a round's steps that are competitive, in [0, 1], rounded to whole steps; a value strictly
+            between 0 and 1 keeps at least one step of each phase (16 competitive steps of 200 by default). `0.0`
+            never competes (specialized genes are then never expressed individually); `1.0` never shares gradients
+            (population based training). A competitive step trains each member on one batch where a cooperative one
+            averages the batches of every member it shares with, so the window costs the clan data: a short one
+            leaves more of the run to the shared gradient.
         solo_radius (`float`, *optional*, defaults to `0.25`):
             While the clan cooperates, a member whose optimizer genes (its learning rate, say) lie farther than this
             fraction of a gene's bounds, in scale space, from the clan's median trains alone: it adds nothing to the
@@ -154,7 +158,7 @@ class ClanConfig(TrainingArguments):
         metadata={"help": "Optimizer steps per round: cooperative steps, competitive steps, fitness, selection."},
     )
     duty_cycle: float = field(
-        default=0.15,
+        default=0.08,
         metadata={
             "help": "Fraction of a round's steps that are competitive, in [0, 1]. 0 never competes; 1 never shares "
             "gradients."
@@ -283,6 +287,15 @@ class ClanConfig(TrainingArguments):
         d = super().to_dict()
         d["genes"] = describe_expressions(self.genes)
         return d
+
+    @property
+    def cooperative_steps(self) -> int:
+        """The steps of each round in which the clan shares gradients; the rest are competitive. A duty cycle strictly
+        between 0 and 1 keeps both phases in any round of two steps or more, however short the round."""
+        steps = round(self.round_steps * (1 - self.duty_cycle))
+        if 0 < self.duty_cycle < 1:
+            steps = min(max(steps, 1), self.round_steps - 1)
+        return steps
 
     def __post_init__(self):
         # Refused before TrainingArguments.__post_init__ would import DeepSpeed or set up sharding.

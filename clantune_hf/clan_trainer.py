@@ -259,13 +259,8 @@ class ClanTrainer(Trainer):
             genome[name] = build_gene(name, value, options)
         return genome
 
-    @property
-    def _cooperative_steps(self) -> int:
-        """The steps of each round in which the clan shares gradients; the rest are competitive."""
-        return round(self.args.round_steps * (1 - self.args.duty_cycle))
-
     def _is_competitive(self, step: int) -> bool:
-        return step % self.args.round_steps >= self._cooperative_steps
+        return step % self.args.round_steps >= self.args.cooperative_steps
 
     def _express(self, competitive: bool, window: bool = True) -> None:
         """Make this member's model, optimizer and loss follow its genome; specialized genes take the consensus
@@ -297,7 +292,7 @@ class ClanTrainer(Trainer):
         has both cooperative steps to match and competitive steps to scale. A soloist's rate never is."""
         return (
             self.args.window_lr_scaling
-            and 0 < self._cooperative_steps < self.args.round_steps
+            and 0 < self.args.cooperative_steps < self.args.round_steps
             and "learning_rate" in self.base_genome
         )
 

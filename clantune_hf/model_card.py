@@ -23,7 +23,7 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
     from . import __version__
 
     args, schedule = trainer.args, trainer.clan_schedule
-    cooperative = trainer._cooperative_steps
+    cooperative = args.cooperative_steps
     count = replaced_count(trainer.clan_size, args.selection_fraction)
     replaced = f"{count} members were replaced by mutated clones of the {count}"
     if count == 1:

@@ -19,7 +19,7 @@ A model and data set from the Hub, one member per GPU:
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml examples/run_classification.py \
         --model_name_or_path google-bert/bert-base-uncased --dataset_name stanfordnlp/sst2 --text_column sentence \
         --per_device_train_batch_size 32 --learning_rate 3e-5 --max_steps 2000 \
-        --round_steps 200 --duty_cycle 0.15 --genes learning_rate weight_decay dropout \
+        --round_steps 200 --duty_cycle 0.08 --genes learning_rate weight_decay dropout \
         --metric_for_best_model accuracy --output_dir runs/bert-sst2 --report_to tensorboard
 
 About the metric: `evaluate.load("accuracy")` downloads its script from the Hub, which fails offline. This script

@@ -42,7 +42,7 @@ A model and data set from the Hub, one member per GPU:
         --model_name_or_path openai-community/gpt2 \
         --dataset_name Salesforce/wikitext --dataset_config_name wikitext-2-raw-v1 \
         --block_size 512 --per_device_train_batch_size 8 --learning_rate 5e-5 --max_steps 2000 \
-        --round_steps 200 --duty_cycle 0.15 --genes learning_rate weight_decay dropout --fitness_eval_samples 256 \
+        --round_steps 200 --duty_cycle 0.08 --genes learning_rate weight_decay dropout --fitness_eval_samples 256 \
         --output_dir runs/gpt2-wikitext --report_to tensorboard
 
 A model too big for one GPU: 8 GPUs as 2 members of 4 GPUs each, every member FSDP2-sharded over its 4:

@@ -14,7 +14,7 @@ def config(tmp_path, **kwargs):
 
 def test_defaults(tmp_path):
     args = config(tmp_path)
-    assert (args.round_steps, args.duty_cycle) == (200, 0.15)
+    assert (args.round_steps, args.duty_cycle) == (200, 0.08)
     assert list(args.genes) == ["learning_rate", "weight_decay"]
     assert args.ddp_broadcast_buffers is None  # the clan turns DDP's buffer sync off itself, with no warning
     assert config(tmp_path, ddp_broadcast_buffers=False).ddp_broadcast_buffers is None
@@ -23,6 +23,23 @@ def test_defaults(tmp_path):
     assert search == ("stratified", "success", True, 0.25)
     assert (args.selection_fraction, args.fitness_average_window, args.fitness_ema_steps) == (0.25, 0.0, 25)
     assert args.window_lr_scaling is True and args.select_in_warmup is True
+
+
+@pytest.mark.parametrize(
+    "round_steps, duty_cycle, cooperative",
+    [
+        (200, 0.08, 184),  # the defaults: 16 competitive steps
+        (25, 0.08, 23),
+        (4, 0.08, 3),  # rounds to 4, but a duty cycle above 0 keeps one competitive step
+        (4, 0.95, 1),  # rounds to 0, but a duty cycle below 1 keeps one cooperative step
+        (4, 0.0, 4),
+        (4, 1.0, 0),
+        (1, 0.5, 0),  # one step cannot hold both phases
+    ],
+)
+def test_cooperative_steps_keep_both_phases_of_a_duty_cycle(tmp_path, round_steps, duty_cycle, cooperative):
+    args = config(tmp_path, round_steps=round_steps, duty_cycle=duty_cycle)
+    assert args.cooperative_steps == cooperative
 
 
 def test_members_are_ranked_at_an_ema_unless_sharded_or_given_a_window(tmp_path):
