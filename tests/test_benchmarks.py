@@ -389,6 +389,25 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
                      "default,oracle", "--reference", str(ref / "results.json"), "--out", str(bad))  # fmt: skip
     assert "keeps lm_lr_low as it ran" in stderr, stderr
 
+    # A reference at another duty cycle: only the clan and its variants depend on it, so it serves a run of the clan
+    # (its variants left out) and nothing else.
+    other_duty = dict(merged, settings={**merged["settings"], "duty_cycle": merged["settings"]["duty_cycle"] + 0.1})
+    with open(tmp_path / "other_duty.json", "w") as f:
+        json.dump(other_duty, f)
+    stderr = refusal("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "none",
+                     "--reference", str(tmp_path / "other_duty.json"), "--out", str(bad))  # fmt: skip
+    assert "other settings (duty_cycle)" in stderr, stderr
+    rerun_clan = tmp_path / "rerun_clan"
+    run_script("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "clan",
+               "--reference", str(tmp_path / "other_duty.json"), "--out", str(rerun_clan))  # fmt: skip
+    with open(rerun_clan / "results.json") as f:
+        clan_again = json.load(f)
+    assert clan_again["variants"] == {}
+    for name in problems.split(","):
+        assert list(clan_again["problems"][name]["methods"]) == ["default", "clan", "oracle"]
+        assert clan_again["problems"][name]["variants"] == {}
+        assert clan_again["problems"][name]["methods"]["clan"]["status"] == "ok"
+
 
 def test_ranking_horizon_tiny(tmp_path):
     """Every fitness of a branch is measured at the weights it names: an EMA with a horizon of one step and the mean
