@@ -160,8 +160,8 @@ class ClanConfig(TrainingArguments):
     duty_cycle: float = field(
         default=0.08,
         metadata={
-            "help": "Fraction of a round's steps that are competitive, in [0, 1]. 0 never competes; 1 never shares "
-            "gradients."
+            "help": "Fraction of a round's steps that are competitive, in [0, 1]; a value between 0 and 1 keeps at "
+            "least one step of each phase. 0 never competes; 1 never shares gradients."
         },
     )
     solo_radius: float = field(
