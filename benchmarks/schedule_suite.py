@@ -53,14 +53,15 @@ Ablations (`--variants`): each name in `VARIANTS` is the clan with some `ClanCon
 some genes' options) overridden, run at the same seeds and budget as `clan`; a second table gives every variant's
 gap_closed beside the full method's. A variant that only changes genes a problem does not schedule is not run there.
 `--reference DIR/results.json` takes the methods that `--methods` leaves out, and the variants that `--variants` leaves
-out, from an earlier run of the same suite (the clan's runs are deterministic per seed, so its numbers are what a new
-run would give), and scores them again against this run's default and oracle (taken from the reference only when it ran
-them at the same seeds), so an ablation can run only its variants: `--methods none --variants ... --reference
-bench_out/quick/results.json`, and one variant can be run again (or added) with the rest kept. A reference run at
-another `duty_cycle` serves a run that runs `clan` again (nothing else trains at the suite's duty cycle); its variants
-are then left out. The problems `--problems` leaves out are kept as the reference holds them (it must have run at this
-run's seeds), so one problem can be run again after it changed: `--problems warmup_decay --reference
-bench_out/quick/results.json`.
+out, from an earlier run of the same suite (a rerun at a seed mostly repeats its numbers, but not always: the plain
+`Trainer` at a start on the edge of stability (lm_lr_high, lm_lr_too_high, cls_metric) lands elsewhere, and the clan
+run again at the stored quick run's settings changed 12 seeds of 36, most by under 0.3%), and scores them again against
+this run's default and oracle (taken from the reference only when it ran them at the same seeds), so an ablation can
+run only its variants: `--methods none --variants ... --reference bench_out/quick/results.json`, and one variant can be
+run again (or added) with the rest kept. A reference run at another `duty_cycle` serves a run that runs `clan` again
+(nothing else trains at the suite's duty cycle); its variants are then left out. The problems `--problems` leaves out
+are kept as the reference holds them (it must have run at this run's seeds), so one problem can be run again after it
+changed: `--problems warmup_decay --reference bench_out/quick/results.json`.
 
     pip install -e ".[bench-ray]"
     python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~27 min on 2 CPU cores
@@ -1223,7 +1224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--reference",
         default=None,
         help="results.json of an earlier run of the same suite: the methods it holds that --methods leaves out "
-        "(e.g. default and oracle, deterministic per seed) and the variants it holds that --variants leaves out "
+        "(e.g. default and oracle, which repeat per seed) and the variants it holds that --variants leaves out "
         "are taken from it and scored again against this run's default and oracle, so variants of the clan are "
         "measured against the same references without running them again. Its default and oracle must have run "
         "at this run's seeds. The problems --problems leaves out are kept from it as they are.",
