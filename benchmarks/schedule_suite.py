@@ -58,10 +58,10 @@ out, from an earlier run of the same suite (a rerun at a seed mostly repeats its
 run again at the stored quick run's settings changed 12 seeds of 36, most by under 0.3%), and scores them again against
 this run's default and oracle (taken from the reference only when it ran them at the same seeds), so an ablation can
 run only its variants: `--methods none --variants ... --reference bench_out/quick/results.json`, and one variant can be
-run again (or added) with the rest kept. A reference run at another `duty_cycle` serves a run that runs `clan` again
-(nothing else trains at the suite's duty cycle); its variants are then left out. The problems `--problems` leaves out
-are kept as the reference holds them (it must have run at this run's seeds), so one problem can be run again after it
-changed: `--problems warmup_decay --reference bench_out/quick/results.json`.
+run again (or added) with the rest kept. A reference run at another `duty_cycle` serves a run that runs `clan` again on
+every problem it holds (nothing else trains at the suite's duty cycle); its variants are then left out. The problems
+`--problems` leaves out are kept as the reference holds them (it must have run at this run's seeds), so one problem can
+be run again after it changed: `--problems warmup_decay --reference bench_out/quick/results.json`.
 
     pip install -e ".[bench-ray]"
     python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~27 min on 2 CPU cores
@@ -1254,9 +1254,12 @@ def main(argv: list[str] | None = None) -> dict:
             reference = json.load(f)
         budget = [f.name for f in dataclasses.fields(Settings) if f.name not in ("seed", "cache_dir")]
         mismatched = [k for k in budget if reference["settings"].get(k) != getattr(settings, k)]
-        if mismatched == ["duty_cycle"] and "clan" in methods:
+        # The problems --problems leaves out are kept as the reference holds them, so one problem can be run again
+        # (after it changed) with the rest of a stored suite kept; the table header then names this run's seeds.
+        kept = [name for name in reference["problems"] if name not in names]
+        if mismatched == ["duty_cycle"] and "clan" in methods and not kept:
             # Only the clan and its variants train at the suite's duty cycle (pbt is the clan at 1.0): with the clan
-            # run again, the reference's other methods still hold, and its variants, run at the other duty cycle, go.
+            # run again on every problem, the reference's other methods still hold, and its variants go.
             reference = {
                 **reference,
                 "variants": {},
@@ -1264,7 +1267,10 @@ def main(argv: list[str] | None = None) -> dict:
             }
             mismatched = []
         if mismatched:
-            parser.error(f"--reference was run with other settings ({', '.join(mismatched)}); use one of this suite.")
+            hint = " (or run clan again on every problem it holds)" if mismatched == ["duty_cycle"] else ""
+            parser.error(
+                f"--reference was run with other settings ({', '.join(mismatched)}); use one of this suite{hint}."
+            )
         for name in names:
             held = reference.get("problems", {}).get(name, {})
             # A problem whose definition changed since the reference ran keeps nothing from it.
@@ -1284,9 +1290,6 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{','.join(REFERENCES)} to --methods, or run at --seeds "
                         f"{','.join(map(str, seeds_ran(stored[method])))}."
                     )
-        # The problems --problems leaves out are kept as the reference holds them, so one problem can be run again
-        # (after it changed) with the rest of a stored suite kept; the table header then names this run's seeds.
-        kept = [name for name in reference["problems"] if name not in names]
         kept_ray = [name for name in kept if name in reference["settings"]["ray_problems"]]
         stored_seeds = seeds_ran(reference["settings"])
         if kept and stored_seeds != list(seeds):

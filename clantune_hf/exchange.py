@@ -52,7 +52,10 @@ def leave_together_at_exit(*groups: dist.ProcessGroup | None) -> None:
     holds the default group and `groups` (None for none) until exit, whoever destroys them, and lets them go only
     after the pause.
     """
-    _exit["groups"] += [group for group in (dist.group.WORLD, *groups) if group is not None]
+    held = _exit["groups"]
+    for group in (dist.group.WORLD, *groups):  # every trainer of the process passes the default group again
+        if group is not None and all(group is not other for other in held):
+            held.append(group)
     if _exit["registered"]:
         return
     _exit["registered"] = True

@@ -397,6 +397,10 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     stderr = refusal("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "none",
                      "--reference", str(tmp_path / "other_duty.json"), "--out", str(bad))  # fmt: skip
     assert "other settings (duty_cycle)" in stderr, stderr
+    # ... nor a run of the clan on one problem, which would keep the other's clan from the other duty cycle.
+    stderr = refusal("schedule_suite.py", "--tiny", "--problems", "lm_lr_low", "--methods", "clan",
+                     "--reference", str(tmp_path / "other_duty.json"), "--out", str(bad))  # fmt: skip
+    assert "other settings (duty_cycle)" in stderr and "every problem it holds" in stderr, stderr
     rerun_clan = tmp_path / "rerun_clan"
     run_script("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "clan",
                "--reference", str(tmp_path / "other_duty.json"), "--out", str(rerun_clan))  # fmt: skip
