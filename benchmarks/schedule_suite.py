@@ -143,6 +143,9 @@ VARIANTS: dict[str, dict] = {
     # Not a ClanConfig field: per-gene options merged into the problem's genes (where it schedules that gene).
     "linear_weight_decay": {"gene_options": {"weight_decay": {"scale": "linear"}}},
     "averaging": {"fitness_average_window": 0.5},
+    # Holding the best (off by default) and two clones a round.
+    "hold": {"hold_confidence": 0.99},
+    "two_clones": {"selection_fraction": 0.5},
     "none": {
         "initial_spread": "local",
         "step_size_control": "self_adaptive",

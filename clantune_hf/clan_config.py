@@ -86,6 +86,16 @@ class ClanConfig(TrainingArguments):
             On a plateau, members differ by noise, and cloning on noise throws away the member that is about to
             leave it. `0` replaces the bottom fraction whatever the margin. A member with a non-finite fitness is
             always replaced.
+        hold_confidence (`float`, *optional*, defaults to `0.0`):
+            Holding the best, e.g. 0.99. In a round whose best fitness beats the previous round's, every member the
+            best beats with this confidence (a one-sided paired t-test over the eval batches) and that selection
+            spares becomes an exact copy of the best: weights, optimizer state and genes, unmutated. Sharing
+            gradients with copies of itself, the best applies the mean of the whole clan's batches at its own
+            weights, where members at other rates and weights would dilute it. In a round that does not improve, the
+            best's copies go back to exploring as mutated clones of it; rounds inside the scheduler's warmup make no
+            copies. It lowers the cost of a start that is already near right, but the clan then trains as one model
+            and overfits or settles sooner, so it is off by default (docs/search.md, "Holding the best"). In [0, 1);
+            `0` switches it off.
         select_in_warmup (`bool`, *optional*, defaults to `True`):
             Whether rounds that end inside the scheduler's warmup (`warmup_steps`) select and clone. While the warmup
             ramps every member's rate up, a member's rate is a fraction of what its learning-rate gene will give it,
@@ -202,6 +212,14 @@ class ClanConfig(TrainingArguments):
         metadata={
             "help": "Replace a member only when its clone source is better with this confidence (one-sided paired "
             "t-test over the eval batches), in [0, 1); 0 replaces the bottom fraction whatever the margin."
+        },
+    )
+    hold_confidence: float = field(
+        default=0.0,
+        metadata={
+            "help": "While the clan's best fitness improves, members the best beats with this confidence (paired "
+            "t-test over the eval batches) become exact copies of it; in a round that does not improve its copies "
+            "explore again. In [0, 1); 0 switches it off."
         },
     )
     select_in_warmup: bool = field(
@@ -360,6 +378,7 @@ class ClanConfig(TrainingArguments):
             "cooldown_fraction",
             "solo_radius",
             "selection_confidence",
+            "hold_confidence",
         )
         for name in fractions:
             value = getattr(self, name)
@@ -397,6 +416,10 @@ class ClanConfig(TrainingArguments):
             raise ValueError(
                 f"`selection_confidence` must be in [0, 1) (0 clones whatever the margin), got "
                 f"{self.selection_confidence}."
+            )
+        if not 0.0 <= self.hold_confidence < 1.0:
+            raise ValueError(
+                f"`hold_confidence` must be in [0, 1) (0 switches holding the best off), got {self.hold_confidence}."
             )
         for name in ("initial_spread_width", "solo_radius"):
             if not 0.0 < getattr(self, name) <= 1.0:

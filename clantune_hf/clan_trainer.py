@@ -57,6 +57,7 @@ from .genetics import (
     consensus,
     copy_genome,
     genome_values,
+    hold_the_best,
     initial_clan,
     make_rng,
     rank_members,
@@ -66,6 +67,7 @@ from .genetics import (
 )
 from .history import (
     build_schedule,
+    last_fitness,
     last_plan,
     latest_best,
     member_prefix,
@@ -616,32 +618,45 @@ class ClanTrainer(Trainer):
     def _round_index(self) -> int:
         return (self.state.global_step - 1) // self.args.round_steps
 
+    def _in_warmup(self, step: int) -> bool:
+        """Whether `step` is inside the scheduler's warmup, where every member's rate is still scaled down, so a
+        ranking says little about the rate genes yet. Decided from the step and the config, the same on every rank."""
+        return step <= self.args.get_warmup_steps(self.state.max_steps)
+
     def _ranks_only(self, step: int) -> bool:
-        """Whether the round ending at `step` ranks without cloning: `select_in_warmup=False` and the step inside the
-        scheduler's warmup, where every member's rate is still scaled down, so the ranking says little about the rate
-        genes yet. Decided from the step and the config, the same on every rank."""
-        return not self.args.select_in_warmup and step <= self.args.get_warmup_steps(self.state.max_steps)
+        """Whether the round ending at `step` ranks without cloning (`select_in_warmup=False`, inside the warmup)."""
+        return not self.args.select_in_warmup and self._in_warmup(step)
 
     def _end_round(self) -> None:
         """Fitness, selection, cloning and mutation, at the last step of every round but the final one."""
         fitness = self._gather_fitness()
         if self.search.step_size_control == "success":
             self.genomes = adapt_scales(self.genomes, last_plan(self.clan_history), fitness, self.greater_is_better)
-        confidence = self.args.selection_confidence
-        rank_only = self._ranks_only(self.state.global_step)
+        args, rank_only = self.args, self._ranks_only(self.state.global_step)
+        # A collective: every rank takes this branch alike (config and step); a rank-only round has no use for it.
+        paired = (args.selection_confidence > 0 or args.hold_confidence > 0) and not rank_only
+        batch_scores = self._gather_fitness_batches() if paired else None
         plan = selection_plan(
             fitness,
             self.greater_is_better,
-            self.args.selection_fraction,
-            make_rng(self.args.seed, "select", self._round_index()),
-            # A collective: every rank takes this branch alike (config and step); a rank-only round has no use for it.
-            batch_scores=self._gather_fitness_batches() if confidence > 0 and not rank_only else None,
-            confidence=confidence,
+            args.selection_fraction,
+            make_rng(args.seed, "select", self._round_index()),
+            batch_scores=batch_scores,
+            confidence=args.selection_confidence,
             rank_only=rank_only,
         )
-        self._record_round(fitness, plan)
-        self._copy_members(plan)
-        self.genomes = reproduce(self.genomes, plan, self.args.seed, self._round_index(), self.search)
+        copies = {}
+        # Not inside the warmup: there the largest rate genes look best, and copies of one would leave the clan
+        # nothing else when the warmup ends and that rate turns out too large.
+        if args.hold_confidence > 0 and not self._in_warmup(self.state.global_step):
+            previous = last_fitness(self.clan_history)
+            plan, copies = hold_the_best(
+                self.genomes, fitness, previous, batch_scores, plan, self.greater_is_better, args.hold_confidence
+            )
+        self._record_round(fitness, plan | copies)
+        self._copy_members(plan | copies)
+        children = reproduce(self.genomes, plan, args.seed, self._round_index(), self.search)
+        self.genomes = [copy_genome(self.genomes[copies[m]]) if m in copies else g for m, g in enumerate(children)]
         self._expressed_phase = None
         self._diverged = False
 
@@ -788,9 +803,8 @@ class ClanTrainer(Trainer):
     def _member_fitness(self, batches: int | None = None) -> float:
         if self._fitness_loader is None:
             self._fitness_loader = fitness_dataloader(self)
-        fitness, self._fitness_batches = member_fitness(
-            self, self._fitness_loader, batches, per_batch=self.args.selection_confidence > 0
-        )
+        paired = max(self.args.selection_confidence, self.args.hold_confidence) > 0
+        fitness, self._fitness_batches = member_fitness(self, self._fitness_loader, batches, per_batch=paired)
         return fitness
 
     def _check_fitness_metric(self) -> None:

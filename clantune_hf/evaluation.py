@@ -168,16 +168,17 @@ def _gather_in_member(items: list[tuple], layout: MemberLayout) -> list[tuple]:
 
 def _batch_metrics(trainer: ClanTrainer, losses: list[tuple], outputs: list[tuple]) -> list[dict[str, float]]:
     """Each batch's loss and compute_metrics, in batch order. A metric that one batch alone cannot define (a ROC AUC
-    on a batch of one class raises ValueError) is left out of that batch, so the paired test skips the batch instead
-    of the run failing on a statistic the user never asked for. Every batch keeps its entry, so every member's list
-    lines up with every other's."""
+    on a batch of one class raises ValueError; a metric written for the whole set may assert its size) is left out of
+    that batch, so the paired test skips the batch instead of the run failing on a statistic the user never asked
+    for; the same compute_metrics on the whole set (the fitness) still raises. Every batch keeps its entry, so every
+    member's list lines up with every other's."""
     by_index: dict[int, dict[str, float]] = {index: {"loss": loss} for index, loss in losses}
     for index, logits, label_ids in outputs:
         entry = by_index.setdefault(index, {})
         logits, label_ids = (None if t is None else nested_numpify(t) for t in (logits, label_ids))
         try:
             scored = trainer.compute_metrics(EvalPrediction(predictions=logits, label_ids=label_ids))
-        except (ValueError, ZeroDivisionError):
+        except Exception:  # noqa: BLE001 - a batch alone only feeds the paired test
             continue
         entry.update(denumpify_detensorize(scored))
     return [by_index[index] for index in sorted(by_index)]

@@ -12,6 +12,9 @@ The search (docs/search.md explains it with its references):
   replaced. Optionally (`selection_confidence`) a member is replaced only when its source beats it significantly,
   by a paired t-test over the eval batches; with `select_in_warmup=False`, rounds that end inside the scheduler's
   warmup replace only members whose fitness is not finite.
+- **Holding the best.** While the clan's best fitness improves, members the best beats significantly (the same paired
+  test) become its exact copies, so it shares gradients with copies of itself; when it stops improving, its copies
+  explore again as mutated clones of it.
 - **Mutation.** A clone mutates each gene's mutation scale first (log-normal self-adaptation), then the value with
   the new scale, reflected into the bounds. Clones made in the same round come in mirrored pairs (`u + s*z`,
   `u - s*z`), and each gene is instead drawn afresh from its bounds with probability `resample_probability`.
@@ -217,6 +220,74 @@ def selection_plan(
     return {dst: src for dst, src in plan.items() if replaced(dst, src)}
 
 
+def hold_the_best(
+    genomes: list[Genome],
+    fitness: list[float],
+    previous: list[float],
+    batch_scores: list[list[float] | None] | None,
+    plan: dict[int, int],
+    greater_is_better: bool,
+    confidence: float,
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Holding the best, on top of a selection `plan`: `(plan, copies)`. In a round whose best fitness beats the
+    previous round's (`previous`; the first round has none), `copies` makes the members the best beats with
+    `confidence` its exact copies (`hold_copies`); in one that does not, the best's copies join the plan as mutated
+    clones of it (`released_copies`)."""
+    if improved(fitness, previous, greater_is_better):
+        return plan, hold_copies(fitness, batch_scores, plan, greater_is_better, confidence) if batch_scores else {}
+    return plan | released_copies(genomes, fitness, plan, greater_is_better), {}
+
+
+def improved(fitness: list[float], previous: list[float], greater_is_better: bool) -> bool:
+    """Whether this round's best fitness beats the previous round's (true in the first round, which has none)."""
+    best = min((_badness(f, greater_is_better) for f in fitness), default=math.inf)
+    if not math.isfinite(best):
+        return False
+    return not previous or best < min(_badness(f, greater_is_better) for f in previous)
+
+
+def hold_copies(
+    fitness: list[float],
+    batch_scores: list[list[float] | None],
+    plan: dict[int, int],
+    greater_is_better: bool,
+    confidence: float,
+) -> dict[int, int]:
+    """Holding the best: `{member: best}` for every member the best beats with `confidence` by a paired t-test over
+    the eval batches, left out of the plan and not a clone source. These become exact copies of the best (weights,
+    optimizer state, genes unmutated): members that share the best's gradients and are identical to it make the
+    mean it applies the full clan's, where members at other rates and weights dilute it."""
+    best = rank_members(fitness, greater_is_better)[0]
+    if not math.isfinite(fitness[best]):
+        return {}
+    spared = set(plan) | set(plan.values()) | {best}
+    return {
+        member: best
+        for member in range(len(fitness))
+        if member not in spared
+        and math.isfinite(fitness[member])
+        and batch_scores[best] is not None
+        and batch_scores[member] is not None
+        and len(batch_scores[best]) >= 2  # no test, no copy
+        and significantly_better(batch_scores[best], batch_scores[member], confidence, greater_is_better)
+    }
+
+
+def released_copies(
+    genomes: list[Genome], fitness: list[float], plan: dict[int, int], greater_is_better: bool
+) -> dict[int, int]:
+    """`{member: best}` for the members whose genes are the best's (its exact copies), left out of the plan and not
+    a clone source: in a round that did not improve, they go back to exploring as mutated clones of the best."""
+    best = rank_members(fitness, greater_is_better)[0]
+    spared = set(plan) | set(plan.values()) | {best}
+    values = genome_values(genomes[best])
+    return {
+        member: best
+        for member in range(len(genomes))
+        if member not in spared and genome_values(genomes[member]) == values
+    }
+
+
 def significantly_better(
     scores: list[float] | None, others: list[float] | None, confidence: float, greater_is_better: bool
 ) -> bool:
@@ -264,6 +335,8 @@ def adapt_scales(
     """
     factors: dict[int, list[float]] = {}
     for child, parent in last_plan.items():
+        if genome_values(genomes[child]) == genome_values(genomes[parent]):
+            continue  # an exact copy (holding the best): no gene changed, so there is nothing to judge
         success = _badness(fitness[child], greater_is_better) < _badness(fitness[parent], greater_is_better)
         factor = math.log(SUCCESS_GROWTH if success else FAILURE_SHRINK)
         factors.setdefault(child, []).append(factor)

@@ -60,6 +60,14 @@ def member_prefix(member: int, clan_size: int) -> str:
     return f"clan/member_{member:0{len(str(clan_size - 1))}d}"
 
 
+def last_fitness(records: list[dict]) -> list[float]:
+    """Every member's fitness in the latest recorded round (NaN where it was not finite); empty before the first."""
+    if not records:
+        return []
+    last = records[-1]["round"]
+    return [math.nan if r["fitness"] is None else r["fitness"] for r in records if r["round"] == last]
+
+
 def last_plan(records: list[dict]) -> dict[int, int]:
     """The latest selection as `{replaced member: source}`: the clones being judged at the next fitness."""
     if not records:

@@ -272,6 +272,57 @@ def check_clone(output_dir, fitness_ema_steps=0):
     assert len(set(gather(repr(trainer.genomes)))) == 1, "every rank holds the same genomes"
 
 
+class ScriptedFitnessTrainer(ClanTrainer):
+    """Member m scores 1 + m in round 0, 0.9 + m in round 1 (the clan improves, member 0 leads, every other member
+    behind it on each of four eval batches alike) and 1.5 + m in round 2 (no improvement); it keeps every member's
+    state and genomes around each round's exchange and stops after round 2."""
+
+    def _member_fitness(self):
+        value = {0: 1.0, 1: 0.9}.get(self._round_index(), 1.5) + self.member
+        self._fitness_batches = [value + d for d in (0.01, -0.01, 0.02, -0.02)]
+        return value
+
+    def _end_round(self):
+        round_index, before, genomes = self._round_index(), member_state(self), [dict(g) for g in self.genomes]
+        super()._end_round()
+        self.rounds = getattr(self, "rounds", {})
+        self.rounds[round_index] = (before, member_state(self), genomes, [dict(g) for g in self.genomes])
+        if round_index == 2:
+            raise _StopAfterRound
+
+
+def check_hold(output_dir):
+    """Holding the best (4 members): rounds 0 (nothing to improve on) and 1 (the best improves) make members 1 and 2,
+    beaten on every eval batch and spared by selection, exact copies of member 0: weights, Adam state and fitness EMA
+    bit for bit, genes unmutated, while member 3 is the usual mutated clone; round 2, which does not improve, makes
+    those copies mutated clones of the best again, in a mirrored pair."""
+    trainer = make_trainer(output_dir, ScriptedFitnessTrainer, round_steps=3, max_steps=12, duty_cycle=0.34,
+                           fitness_ema_steps=3, hold_confidence=0.99)  # fmt: skip
+    with pytest.raises(_StopAfterRound):
+        trainer.train()
+    parents = {r["round"]: {} for r in trainer.clan_history}
+    for r in trainer.clan_history:
+        if r["parent"] is not None:
+            parents[r["round"]][r["member"]] = r["parent"]
+    assert parents == {r: {1: 0, 2: 0, 3: 0} for r in range(3)}, parents
+    for round_index in range(3):
+        before, after, _, genomes = trainer.rounds[round_index]
+        befores, afters = gather(before), gather(after)
+        for dst in (1, 2, 3):
+            assert set(afters[dst]) == set(befores[0]) and any(k.startswith("average.") for k in afters[dst])
+            for key, value in befores[0].items():
+                assert torch.equal(afters[dst][key], value), f"round {round_index}: member {dst} differs at {key}"
+    seed, resample = trainer.args.seed, trainer.args.resample_probability
+    for round_index in (0, 1):
+        genomes = trainer.rounds[round_index][3]
+        assert genomes[1] == genomes[2] == genomes[0], "copies keep the best's genes, unmutated"
+        assert genomes[3] == mutate(genomes[0], make_rng(seed, "mutate", round_index, 3), resample)
+    genomes = trainer.rounds[2][3]
+    assert genomes[1] == mutate(genomes[0], make_rng(seed, "mutate", 2, 1), resample)
+    assert genomes[2] == mutate(genomes[0], make_rng(seed, "mutate", 2, 1), resample, mirror=True)
+    assert len(set(gather(repr(trainer.genomes)))) == 1, "every rank holds the same genomes"
+
+
 class NaNFitnessTrainer(ClanTrainer):
     def _member_fitness(self):
         return math.nan if self.member == 1 else super()._member_fitness()

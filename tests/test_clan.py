@@ -25,6 +25,10 @@ def test_clone_copies_its_sources_fitness_ema_bit_for_bit(tmp_path, num_processe
     run_clan(clan_checks.check_clone, num_processes, str(tmp_path), 3)
 
 
+def test_holding_the_best_copies_it_bit_for_bit_while_the_clan_improves(tmp_path):
+    run_clan(clan_checks.check_hold, 4, str(tmp_path))
+
+
 def test_fitness_is_measured_at_the_ema_of_the_weights(tmp_path):
     run_clan(clan_checks.check_fitness_ema, 2, str(tmp_path))
 

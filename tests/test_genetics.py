@@ -18,18 +18,22 @@ from clantune_hf.genetics import (
     checksum,
     consensus,
     copy_genome,
+    hold_copies,
+    hold_the_best,
+    improved,
     initial_clan,
     make_rng,
     mutate,
     rank_members,
     reflect,
+    released_copies,
     reproduce,
     selection_plan,
     significantly_better,
     soloists,
     t_quantile,
 )
-from clantune_hf.history import last_plan, round_records
+from clantune_hf.history import last_fitness, last_plan, round_records
 
 
 def genome(**values):
@@ -135,7 +139,9 @@ def test_integer_genes_stay_integers_in_bounds_and_never_stick():
     assert moved >= 20, moved
     grown = adapt_scales([{**stuck}], {}, [0.0], False)
     for _ in range(30):
-        grown = adapt_scales(grown + [copy_genome(grown[0])], {1: 0}, [1.0, 0.5], False)[:1]
+        parent = grown[0]["gradient_accumulation_steps"]
+        clone = {"gradient_accumulation_steps": dataclasses.replace(parent, value=3.0)}  # a clone that moved
+        grown = adapt_scales(grown + [clone], {1: 0}, [1.0, 0.5], False)[:1]
     assert grown[0]["gradient_accumulation_steps"].mutation_scale > gene.unit
 
 
@@ -212,7 +218,7 @@ def test_resampling_draws_from_the_whole_bounds():
 
 
 def test_success_rule_grows_scales_on_success_and_shrinks_them_on_failure():
-    clan = [genome(learning_rate=1e-3, weight_decay=0.01) for _ in range(4)]
+    clan = [genome(learning_rate=lr, weight_decay=0.01) for lr in (1e-3, 2e-3, 3e-3, 4e-3)]
     start = clan[0]["learning_rate"].mutation_scale
     # Member 3 is a clone of member 0; member 2 a clone of member 1. Lower fitness is better.
     fitness = [0.5, 0.4, 0.6, 0.3]  # 3 beats its parent 0; 2 loses to its parent 1
@@ -236,6 +242,69 @@ def test_success_rule_grows_scales_on_success_and_shrinks_them_on_failure():
     assert failed[3]["learning_rate"].mutation_scale < start
     won = adapt_scales(clan, {3: 0}, [0.5, 0.5, 0.5, 0.9], greater_is_better=True)
     assert won[3]["learning_rate"].mutation_scale > start
+
+
+def test_success_rule_does_not_judge_an_exact_copy():
+    """A member made an exact copy of the best (holding the best) changed no gene: winning or losing its next round
+    says nothing about a step size, so neither its scales nor its parent's move."""
+    clan = [genome(learning_rate=lr) for lr in (1e-3, 2e-3, 3e-3)]
+    clan[2] = copy_genome(clan[0])
+    adapted = adapt_scales(clan, {2: 0, 1: 0}, [0.5, 0.4, 0.3], greater_is_better=False)
+    start = clan[0]["learning_rate"].mutation_scale
+    assert adapted[2]["learning_rate"].mutation_scale == start, "the copy is not judged"
+    assert adapted[1]["learning_rate"].mutation_scale == pytest.approx(start * SUCCESS_GROWTH), "the clone is"
+    assert adapted[0]["learning_rate"].mutation_scale == pytest.approx(start * SUCCESS_GROWTH)
+
+
+def test_improved_compares_the_best_with_the_previous_rounds_best():
+    assert improved([0.5, 0.3], [], greater_is_better=False), "the first round has nothing to beat"
+    assert improved([0.5, 0.3], [0.4, 0.35], greater_is_better=False)
+    assert not improved([0.5, 0.35], [0.4, 0.35], greater_is_better=False), "a tie is no improvement"
+    assert improved([0.5, 0.9], [0.8, 0.7], greater_is_better=True)
+    assert not improved([0.5, 0.6], [0.8, 0.7], greater_is_better=True)
+    assert improved([math.nan, 0.3], [0.4, math.inf], greater_is_better=False), "non-finite members are ignored"
+    assert not improved([math.nan, math.nan], [0.4], greater_is_better=False)
+
+
+def test_hold_copies_only_members_the_best_beats_significantly_and_selection_spares():
+    base = [1.0, 1.4, 0.8, 1.2, 0.9, 1.1, 1.3, 0.7]
+    worse = [b + 0.2 for b in base]  # consistently worse than the best
+    noise = [b + d for b, d in zip(base, [0.3, -0.25, 0.3, -0.25, 0.3, -0.25, 0.3, -0.25], strict=True)]
+    scores = [base, worse, noise, [b + 0.3 for b in base], worse]
+    fitness = [sum(s) / len(s) for s in scores]
+    plan = {3: 0}  # selection replaces member 3 with a clone of the best
+    assert hold_copies(fitness, scores, plan, False, 0.99) == {1: 0, 4: 0}, "not the noisy member, nor the plan's"
+    assert hold_copies(fitness, scores, {3: 1}, False, 0.99) == {4: 0}, "a clone source is spared"
+    fitness[4], scores[4] = math.nan, None
+    assert hold_copies(fitness, scores, plan, False, 0.99) == {1: 0}, "a non-finite member is selection's"
+    # Higher is better for a metric; without two batches there is no test and no copy.
+    assert hold_copies([0.9, 0.7], [[0.9, 0.9, 0.8], [0.7, 0.7, 0.6]], {}, True, 0.9) == {1: 0}
+    assert hold_copies([0.9, 0.7], [[0.9], [0.7]], {}, True, 0.9) == {}
+
+
+def test_released_copies_are_the_members_with_the_best_members_genes():
+    best = genome(learning_rate=1e-3, weight_decay=0.01)
+    clan = [genome(learning_rate=2e-3, weight_decay=0.01), copy_genome(best), copy_genome(best), copy_genome(best)]
+    fitness = [0.5, 0.4, 0.4, 0.4]  # member 1 is the best (ties by id), 2 and 3 its exact copies
+    assert released_copies(clan, fitness, {0: 1}, greater_is_better=False) == {2: 1, 3: 1}
+    assert released_copies(clan, fitness, {3: 1}, greater_is_better=False) == {2: 1}, "the plan's are its own"
+    clan[2] = genome(learning_rate=1e-3, weight_decay=0.02)
+    assert released_copies(clan, fitness, {}, greater_is_better=False) == {3: 1}
+
+
+def test_hold_the_best_copies_while_the_clan_improves_and_releases_its_copies_when_it_does_not():
+    best = genome(learning_rate=1e-3)
+    clan = [copy_genome(best), genome(learning_rate=2e-3), copy_genome(best), genome(learning_rate=4e-3)]
+    scores = [[0.1 * m + d for d in (0.0, 0.2, 0.1)] for m in range(4)]  # member 0 leads on every batch
+    fitness = [sum(s) / 3 for s in scores]
+    history = round_records(0, 10, [f + 1 for f in fitness], clan, {})
+    plan = {3: 0}
+    assert hold_the_best(clan, fitness, last_fitness(history), scores, plan, False, 0.99) == (plan, {1: 0, 2: 0})
+    assert hold_the_best(clan, fitness, [], scores, plan, False, 0.99) == (plan, {1: 0, 2: 0}), "a first round"
+    # No improvement on the last round: member 2, whose genes are the best's, explores again; nothing is copied.
+    stalled = [f - 1 for f in fitness]
+    assert hold_the_best(clan, fitness, stalled, scores, plan, False, 0.99) == ({3: 0, 2: 0}, {})
+    assert last_fitness(history) == [f + 1 for f in fitness] and last_fitness([]) == []
 
 
 def test_success_rule_lets_a_lineage_cross_decades_where_self_adaptation_stalls():

@@ -56,6 +56,9 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         ({"selection_confidence": 1.0}, "selection_confidence"),
         ({"selection_confidence": -0.1}, "selection_confidence"),
         ({"selection_confidence": float("nan")}, "selection_confidence"),
+        ({"hold_confidence": 1.0}, "hold_confidence"),
+        ({"hold_confidence": -0.5}, "hold_confidence"),
+        ({"hold_confidence": "high"}, "hold_confidence"),
         ({"fitness_eval_samples": 8.5}, "fitness_eval_samples"),
         # The genes field
         ({"genes": []}, "genes"),
