@@ -170,13 +170,15 @@ def check_trainer_refusals(output_dir):
         trainer.train()
     assert trainer.state.global_step == 0
 
-    # ...but a compute_metrics that cannot score one batch (like AUC on a single class) is not refused for that.
+    # ...but a compute_metrics that cannot score one batch (like AUC on a single class, or one that asserts the set's
+    # size) is not refused for that: the paired test of hold_confidence scores each eval batch alone and skips it.
     def needs_the_whole_set(p):
         assert len(p.label_ids) == 16, "this metric needs all 16 samples"
         return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
 
     trainer = ClanTrainer(
-        tiny_bert_classifier(), args(metric_for_best_model="accuracy", max_steps=4, per_device_eval_batch_size=8),
+        tiny_bert_classifier(), args(metric_for_best_model="accuracy", max_steps=4, per_device_eval_batch_size=8,
+                                     hold_confidence=0.99),
         train_dataset=LabelDataset(64), eval_dataset=LabelDataset(16), compute_metrics=needs_the_whole_set,
     )  # fmt: skip
     trainer.train()
