@@ -93,9 +93,9 @@ class ClanConfig(TrainingArguments):
             gradients with copies of itself, the best applies the mean of the whole clan's batches at its own
             weights, where members at other rates and weights would dilute it. In a round that does not improve, the
             best's copies go back to exploring as mutated clones of it; rounds inside the scheduler's warmup make no
-            copies. It lowers the cost of a start that is already near right, but the clan then trains as one model
-            and overfits or settles sooner, so it is off by default (docs/search.md, "Holding the best"). In [0, 1);
-            `0` switches it off.
+            copies. It lowers the cost of a start that is already near right, but the clan then trains as one model:
+            it overfits sooner and can hold an early leader too long, so it is off by default (docs/search.md,
+            "Holding the best"). In [0, 1); `0` switches it off.
         select_in_warmup (`bool`, *optional*, defaults to `True`):
             Whether rounds that end inside the scheduler's warmup (`warmup_steps`) select and clone. While the warmup
             ramps every member's rate up, a member's rate is a fraction of what its learning-rate gene will give it,
