@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import site
 import socket
 import sys
 import time
@@ -109,12 +110,24 @@ def launch(fn, num_processes: int, *args, log_path: str | None = None, timeout: 
 
 
 def log_tail(log_path: str, lines: int = 20) -> str:
-    """The last lines of rank 0's log (for a failed run's error message)."""
+    """The last lines of rank 0's log (for a failed run's error message), its paths made portable: results are
+    committed and shared, and a traceback's absolute paths name a checkout and an interpreter no reader has."""
     try:
         with open(f"{log_path}.rank0") as f:
-            return "".join(f.readlines()[-lines:])
+            return portable_paths("".join(f.readlines()[-lines:]))
     except OSError:
         return ""
+
+
+def portable_paths(text: str) -> str:
+    """`text` with this checkout's root dropped (paths become relative to it) and the interpreter's directories named
+    `<site-packages>/` and `<python>/`."""
+    roots = {os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep: ""}
+    roots.update({path + os.sep: "<site-packages>/" for path in site.getsitepackages() + [site.getusersitepackages()]})
+    roots.update({prefix + os.sep: "<python>/" for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+    for root in sorted(roots, key=len, reverse=True):  # the longest first: site-packages lies inside the prefix
+        text = text.replace(root, roots[root])
+    return text
 
 
 def write_json(path: str, data: dict) -> None:

@@ -618,6 +618,12 @@ class ClanTrainer(Trainer):
     def _round_index(self) -> int:
         return (self.state.global_step - 1) // self.args.round_steps
 
+    @property
+    def _paired(self) -> bool:
+        """Whether selection compares members batch by batch (`selection_confidence`, `hold_confidence`), so each
+        member keeps its fitness per eval batch."""
+        return self.args.selection_confidence > 0 or self.args.hold_confidence > 0
+
     def _in_warmup(self, step: int) -> bool:
         """Whether `step` is inside the scheduler's warmup, where every member's rate is still scaled down, so a
         ranking says little about the rate genes yet. Decided from the step and the config, the same on every rank."""
@@ -634,8 +640,7 @@ class ClanTrainer(Trainer):
             self.genomes = adapt_scales(self.genomes, last_plan(self.clan_history), fitness, self.greater_is_better)
         args, rank_only = self.args, self._ranks_only(self.state.global_step)
         # A collective: every rank takes this branch alike (config and step); a rank-only round has no use for it.
-        paired = (args.selection_confidence > 0 or args.hold_confidence > 0) and not rank_only
-        batch_scores = self._gather_fitness_batches() if paired else None
+        batch_scores = self._gather_fitness_batches() if self._paired and not rank_only else None
         plan = selection_plan(
             fitness,
             self.greater_is_better,
@@ -803,8 +808,7 @@ class ClanTrainer(Trainer):
     def _member_fitness(self, batches: int | None = None) -> float:
         if self._fitness_loader is None:
             self._fitness_loader = fitness_dataloader(self)
-        paired = max(self.args.selection_confidence, self.args.hold_confidence) > 0
-        fitness, self._fitness_batches = member_fitness(self, self._fitness_loader, batches, per_batch=paired)
+        fitness, self._fitness_batches = member_fitness(self, self._fitness_loader, batches, per_batch=self._paired)
         return fitness
 
     def _check_fitness_metric(self) -> None:

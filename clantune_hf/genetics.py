@@ -257,10 +257,9 @@ def hold_copies(
     the eval batches, left out of the plan and not a clone source. These become exact copies of the best (weights,
     optimizer state, genes unmutated): members that share the best's gradients and are identical to it make the
     mean it applies the full clan's, where members at other rates and weights dilute it."""
-    best = rank_members(fitness, greater_is_better)[0]
+    best, spared = _best_and_spared(fitness, plan, greater_is_better)
     if not math.isfinite(fitness[best]):
         return {}
-    spared = set(plan) | set(plan.values()) | {best}
     return {
         member: best
         for member in range(len(fitness))
@@ -278,14 +277,20 @@ def released_copies(
 ) -> dict[int, int]:
     """`{member: best}` for the members whose genes are the best's (its exact copies), left out of the plan and not
     a clone source: in a round that did not improve, they go back to exploring as mutated clones of the best."""
-    best = rank_members(fitness, greater_is_better)[0]
-    spared = set(plan) | set(plan.values()) | {best}
+    best, spared = _best_and_spared(fitness, plan, greater_is_better)
     values = genome_values(genomes[best])
     return {
         member: best
         for member in range(len(genomes))
         if member not in spared and genome_values(genomes[member]) == values
     }
+
+
+def _best_and_spared(fitness: list[float], plan: dict[int, int], greater_is_better: bool) -> tuple[int, set[int]]:
+    """The best member, and the members holding the best leaves alone: it, and those a selection plan replaces or
+    clones from."""
+    best = rank_members(fitness, greater_is_better)[0]
+    return best, set(plan) | set(plan.values()) | {best}
 
 
 def significantly_better(

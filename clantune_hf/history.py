@@ -47,12 +47,19 @@ def read_history(output_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _last_round(records: list[dict]) -> list[dict]:
+    """The latest recorded round's records, by member (none before the first round)."""
+    if not records:
+        return []
+    return sorted((r for r in records if r["round"] == records[-1]["round"]), key=lambda r: r["member"])
+
+
 def latest_best(records: list[dict], greater_is_better: bool) -> int:
     """The best member by the latest recorded fitness (member 0, which holds the configured genes, before any)."""
-    if not records:
+    last = _last_round(records)
+    if not last:
         return 0
-    last = sorted((r for r in records if r["round"] == records[-1]["round"]), key=lambda r: r["member"])
-    return last[rank_members([nan_if_none(r["fitness"]) for r in last], greater_is_better)[0]]["member"]
+    return last[rank_members(last_fitness(records), greater_is_better)[0]]["member"]
 
 
 def member_prefix(member: int, clan_size: int) -> str:
@@ -62,18 +69,12 @@ def member_prefix(member: int, clan_size: int) -> str:
 
 def last_fitness(records: list[dict]) -> list[float]:
     """Every member's fitness in the latest recorded round (NaN where it was not finite); empty before the first."""
-    if not records:
-        return []
-    last = records[-1]["round"]
-    return [math.nan if r["fitness"] is None else r["fitness"] for r in records if r["round"] == last]
+    return [nan_if_none(r["fitness"]) for r in _last_round(records)]
 
 
 def last_plan(records: list[dict]) -> dict[int, int]:
     """The latest selection as `{replaced member: source}`: the clones being judged at the next fitness."""
-    if not records:
-        return {}
-    last = records[-1]["round"]
-    return {r["member"]: r["parent"] for r in records if r["round"] == last and r["parent"] is not None}
+    return {r["member"]: r["parent"] for r in _last_round(records) if r["parent"] is not None}
 
 
 def best_lineage(records: list[dict], greater_is_better: bool) -> list[dict]:

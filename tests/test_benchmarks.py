@@ -131,6 +131,29 @@ def _result(fitness: list[float], gap: list[float | None], harm: list[float | No
     return per_seed["0"] if len(per_seed) == 1 else suite._aggregate(per_seed)
 
 
+def test_a_failed_runs_log_tail_names_no_path_of_this_machine(tmp_path):
+    """A failed run's log tail goes into results.json, which is committed: its traceback's paths are made relative to
+    the checkout, or named by the interpreter directory they lie in."""
+    load_suite()
+    import site
+
+    import bench_utils
+
+    package = os.path.join(ROOT, "clantune_hf", "clan_trainer.py")
+    library = os.path.join(site.getsitepackages()[0], "transformers", "trainer.py")
+    stdlib = os.path.join(sys.base_prefix, "lib", "json", "decoder.py")
+    (tmp_path / "run.rank0").write_text(
+        "".join(f'  File "{path}", line 1, in f\n' for path in (package, library, stdlib)) + "ValueError: boom\n"
+    )
+    tail = bench_utils.log_tail(str(tmp_path / "run"))
+    assert tail == (
+        '  File "clantune_hf/clan_trainer.py", line 1, in f\n'
+        '  File "<site-packages>/transformers/trainer.py", line 1, in f\n'
+        '  File "<python>/lib/json/decoder.py", line 1, in f\n'
+        "ValueError: boom\n"
+    )
+
+
 def test_tables_aggregate_seeds_and_count_per_method():
     """The table's arithmetic, on made-up results: mean ± sd over seeds, the per-method count rows, harm on the
     do-no-harm problem, and the ablation table's columns and last row."""
