@@ -230,12 +230,14 @@ def hold_the_best(
     confidence: float,
 ) -> tuple[dict[int, int], dict[int, int]]:
     """Holding the best, on top of a selection `plan`: `(plan, copies)`. In a round whose best fitness beats the
-    previous round's (`previous`; the first round has none), `copies` makes the members the best beats with
-    `confidence` its exact copies (`hold_copies`); in one that does not, the best's copies join the plan as mutated
-    clones of it (`released_copies`)."""
-    if improved(fitness, previous, greater_is_better):
-        return plan, hold_copies(fitness, batch_scores, plan, greater_is_better, confidence) if batch_scores else {}
-    return plan | released_copies(genomes, fitness, plan, greater_is_better), {}
+    previous round's (`previous`; the first round has none), `copies` makes one member the best beats with
+    `confidence` its exact copy (`hold_copy`), unless it has one already; in one that does not, the best's copy
+    joins the plan as a mutated clone of it (`released_copies`)."""
+    if not improved(fitness, previous, greater_is_better):
+        return plan | released_copies(genomes, fitness, plan, greater_is_better), {}
+    if not batch_scores or released_copies(genomes, fitness, plan, greater_is_better):
+        return plan, {}
+    return plan, hold_copy(fitness, batch_scores, plan, greater_is_better, confidence)
 
 
 def improved(fitness: list[float], previous: list[float], greater_is_better: bool) -> bool:
@@ -246,37 +248,38 @@ def improved(fitness: list[float], previous: list[float], greater_is_better: boo
     return not previous or best < min(_badness(f, greater_is_better) for f in previous)
 
 
-def hold_copies(
+def hold_copy(
     fitness: list[float],
     batch_scores: list[list[float] | None],
     plan: dict[int, int],
     greater_is_better: bool,
     confidence: float,
 ) -> dict[int, int]:
-    """Holding the best: `{member: best}` for every member the best beats with `confidence` by a paired t-test over
-    the eval batches, left out of the plan and not a clone source. These become exact copies of the best (weights,
-    optimizer state, genes unmutated): members that share the best's gradients and are identical to it make the
-    mean it applies the full clan's, where members at other rates and weights dilute it."""
+    """Holding the best: `{member: best}` for the lowest-ranked member the best beats with `confidence` by a paired
+    t-test over the eval batches, left out of the plan and not a clone source (`{}` if there is none). It becomes an
+    exact copy of the best (weights, optimizer state, genes unmutated): a member that shares the best's gradients and
+    is identical to it makes the mean it applies less diluted by members at other rates and weights. One copy, not
+    every member the best beats: more copies leave fewer members exploring, and the clan trains as one model at its
+    leader's rate, which overfits sooner and holds an early leader too long (docs/search.md)."""
     best, spared = _best_and_spared(fitness, plan, greater_is_better)
-    if not math.isfinite(fitness[best]):
-        return {}
-    return {
-        member: best
-        for member in range(len(fitness))
-        if member not in spared
-        and math.isfinite(fitness[member])
-        and batch_scores[best] is not None
-        and batch_scores[member] is not None
-        and len(batch_scores[best]) >= 2  # no test, no copy
-        and significantly_better(batch_scores[best], batch_scores[member], confidence, greater_is_better)
-    }
+    if not math.isfinite(fitness[best]) or batch_scores[best] is None or len(batch_scores[best]) < 2:
+        return {}  # no test, no copy
+    for member in reversed(rank_members(fitness, greater_is_better)):
+        if (
+            member not in spared
+            and math.isfinite(fitness[member])
+            and batch_scores[member] is not None
+            and significantly_better(batch_scores[best], batch_scores[member], confidence, greater_is_better)
+        ):
+            return {member: best}
+    return {}
 
 
 def released_copies(
     genomes: list[Genome], fitness: list[float], plan: dict[int, int], greater_is_better: bool
 ) -> dict[int, int]:
-    """`{member: best}` for the members whose genes are the best's (its exact copies), left out of the plan and not
-    a clone source: in a round that did not improve, they go back to exploring as mutated clones of the best."""
+    """`{member: best}` for the members whose genes are the best's (its exact copy), left out of the plan and not a
+    clone source: in a round that did not improve, they go back to exploring as mutated clones of the best."""
     best, spared = _best_and_spared(fitness, plan, greater_is_better)
     values = genome_values(genomes[best])
     return {

@@ -34,8 +34,8 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
         gate = f", when the stronger beat it with {confidence} (a paired t-test over the eval batches)"
     if args.hold_confidence:
         gate += (
-            f"; in a round whose best fitness improved, members the best beat with {args.hold_confidence:.0%}"
-            " confidence became exact copies of it, and in one that did not, its copies explored again"
+            f"; in a round whose best fitness improved, a member the best beat with {args.hold_confidence:.0%}"
+            " confidence became its exact copy (one at a time), and in one that did not, the copy explored again"
             " (`hold_confidence`)"
         )
     if trainer._ranks_only(args.round_steps):  # the first round ended inside the warmup

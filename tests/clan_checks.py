@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 from clantune_hf import ClanConfig, ClanTrainer
 from clantune_hf.dropout import dropout_sites
 from clantune_hf.exchange import member_tensors
-from clantune_hf.genetics import make_rng, mutate
+from clantune_hf.genetics import genome_values, make_rng, mutate
 from clantune_hf.model_card import model_card_body
 
 
@@ -292,10 +292,11 @@ class ScriptedFitnessTrainer(ClanTrainer):
 
 
 def check_hold(output_dir):
-    """Holding the best (4 members): rounds 0 (nothing to improve on) and 1 (the best improves) make members 1 and 2,
-    beaten on every eval batch and spared by selection, exact copies of member 0: weights, Adam state and fitness EMA
-    bit for bit, genes unmutated, while member 3 is the usual mutated clone; round 2, which does not improve, makes
-    those copies mutated clones of the best again, in a mirrored pair."""
+    """Holding the best (4 members): round 0 (nothing to improve on) makes member 2, the lowest member beaten on every
+    eval batch and spared by selection, an exact copy of member 0: weights, Adam state and fitness EMA bit for bit,
+    genes unmutated, while member 3 is the usual mutated clone; round 1 (the best improves) keeps that one copy and
+    makes no other; round 2, which does not improve, makes the copy a mutated clone of the best again, mirrored with
+    selection's clone."""
     trainer = make_trainer(output_dir, ScriptedFitnessTrainer, round_steps=3, max_steps=12, duty_cycle=0.34,
                            fitness_ema_steps=3, hold_confidence=0.99)  # fmt: skip
     with pytest.raises(_StopAfterRound):
@@ -304,22 +305,24 @@ def check_hold(output_dir):
     for r in trainer.clan_history:
         if r["parent"] is not None:
             parents[r["round"]][r["member"]] = r["parent"]
-    assert parents == {r: {1: 0, 2: 0, 3: 0} for r in range(3)}, parents
-    for round_index in range(3):
+    assert parents == {0: {2: 0, 3: 0}, 1: {3: 0}, 2: {2: 0, 3: 0}}, parents
+    for round_index, copied in parents.items():
         before, after, _, genomes = trainer.rounds[round_index]
         befores, afters = gather(before), gather(after)
-        for dst in (1, 2, 3):
+        for dst in copied:
             assert set(afters[dst]) == set(befores[0]) and any(k.startswith("average.") for k in afters[dst])
             for key, value in befores[0].items():
                 assert torch.equal(afters[dst][key], value), f"round {round_index}: member {dst} differs at {key}"
     seed, resample = trainer.args.seed, trainer.args.resample_probability
     for round_index in (0, 1):
         genomes = trainer.rounds[round_index][3]
-        assert genomes[1] == genomes[2] == genomes[0], "copies keep the best's genes, unmutated"
+        values = [genome_values(g) for g in genomes]
+        assert values[2] == values[0] != values[1], "the copy keeps the best's genes, unmutated; one copy"
         assert genomes[3] == mutate(genomes[0], make_rng(seed, "mutate", round_index, 3), resample)
+    assert trainer.rounds[0][3][2] == trainer.rounds[0][3][0], "mutation scales too"
     genomes = trainer.rounds[2][3]
-    assert genomes[1] == mutate(genomes[0], make_rng(seed, "mutate", 2, 1), resample)
-    assert genomes[2] == mutate(genomes[0], make_rng(seed, "mutate", 2, 1), resample, mirror=True)
+    assert genomes[2] == mutate(genomes[0], make_rng(seed, "mutate", 2, 2), resample)
+    assert genomes[3] == mutate(genomes[0], make_rng(seed, "mutate", 2, 2), resample, mirror=True)
     assert len(set(gather(repr(trainer.genomes)))) == 1, "every rank holds the same genomes"
 
 

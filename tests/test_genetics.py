@@ -18,7 +18,7 @@ from clantune_hf.genetics import (
     checksum,
     consensus,
     copy_genome,
-    hold_copies,
+    hold_copy,
     hold_the_best,
     improved,
     initial_clan,
@@ -266,20 +266,21 @@ def test_improved_compares_the_best_with_the_previous_rounds_best():
     assert not improved([math.nan, math.nan], [0.4], greater_is_better=False)
 
 
-def test_hold_copies_only_members_the_best_beats_significantly_and_selection_spares():
+def test_hold_copy_is_the_lowest_member_the_best_beats_significantly_and_selection_spares():
     base = [1.0, 1.4, 0.8, 1.2, 0.9, 1.1, 1.3, 0.7]
     worse = [b + 0.2 for b in base]  # consistently worse than the best
     noise = [b + d for b, d in zip(base, [0.3, -0.25, 0.3, -0.25, 0.3, -0.25, 0.3, -0.25], strict=True)]
-    scores = [base, worse, noise, [b + 0.3 for b in base], worse]
-    fitness = [sum(s) / len(s) for s in scores]
+    scores = [base, worse, noise, [b + 0.3 for b in base], [b + 0.25 for b in base]]
+    fitness = [sum(s) / len(s) for s in scores]  # ranked 0, 2, 1, 4, 3
     plan = {3: 0}  # selection replaces member 3 with a clone of the best
-    assert hold_copies(fitness, scores, plan, False, 0.99) == {1: 0, 4: 0}, "not the noisy member, nor the plan's"
-    assert hold_copies(fitness, scores, {3: 1}, False, 0.99) == {4: 0}, "a clone source is spared"
+    assert hold_copy(fitness, scores, plan, False, 0.99) == {4: 0}, "the lowest the plan leaves, beaten throughout"
+    assert hold_copy(fitness, scores, {3: 4}, False, 0.99) == {1: 0}, "a clone source is spared"
+    assert hold_copy(fitness, scores, {3: 4, 1: 0}, False, 0.99) == {}, "the noisy member is not beaten"
     fitness[4], scores[4] = math.nan, None
-    assert hold_copies(fitness, scores, plan, False, 0.99) == {1: 0}, "a non-finite member is selection's"
+    assert hold_copy(fitness, scores, plan, False, 0.99) == {1: 0}, "a non-finite member is selection's"
     # Higher is better for a metric; without two batches there is no test and no copy.
-    assert hold_copies([0.9, 0.7], [[0.9, 0.9, 0.8], [0.7, 0.7, 0.6]], {}, True, 0.9) == {1: 0}
-    assert hold_copies([0.9, 0.7], [[0.9], [0.7]], {}, True, 0.9) == {}
+    assert hold_copy([0.9, 0.7], [[0.9, 0.9, 0.8], [0.7, 0.7, 0.6]], {}, True, 0.9) == {1: 0}
+    assert hold_copy([0.9, 0.7], [[0.9], [0.7]], {}, True, 0.9) == {}
 
 
 def test_released_copies_are_the_members_with_the_best_members_genes():
@@ -292,18 +293,21 @@ def test_released_copies_are_the_members_with_the_best_members_genes():
     assert released_copies(clan, fitness, {}, greater_is_better=False) == {3: 1}
 
 
-def test_hold_the_best_copies_while_the_clan_improves_and_releases_its_copies_when_it_does_not():
+def test_hold_the_best_keeps_one_copy_while_the_clan_improves_and_releases_it_when_it_does_not():
     best = genome(learning_rate=1e-3)
-    clan = [copy_genome(best), genome(learning_rate=2e-3), copy_genome(best), genome(learning_rate=4e-3)]
+    clan = [copy_genome(best), genome(learning_rate=2e-3), genome(learning_rate=3e-3), genome(learning_rate=4e-3)]
     scores = [[0.1 * m + d for d in (0.0, 0.2, 0.1)] for m in range(4)]  # member 0 leads on every batch
     fitness = [sum(s) / 3 for s in scores]
     history = round_records(0, 10, [f + 1 for f in fitness], clan, {})
     plan = {3: 0}
-    assert hold_the_best(clan, fitness, last_fitness(history), scores, plan, False, 0.99) == (plan, {1: 0, 2: 0})
-    assert hold_the_best(clan, fitness, [], scores, plan, False, 0.99) == (plan, {1: 0, 2: 0}), "a first round"
-    # No improvement on the last round: member 2, whose genes are the best's, explores again; nothing is copied.
+    assert hold_the_best(clan, fitness, last_fitness(history), scores, plan, False, 0.99) == (plan, {2: 0})
+    assert hold_the_best(clan, fitness, [], scores, plan, False, 0.99) == (plan, {2: 0}), "a first round"
+    assert hold_the_best(clan, fitness, [], None, plan, False, 0.99) == (plan, {}), "no scores, no copy"
+    clan[1] = copy_genome(best)
+    assert hold_the_best(clan, fitness, [], scores, plan, False, 0.99) == (plan, {}), "the best has its copy"
+    # No improvement on the last round: member 1, whose genes are the best's, explores again; nothing is copied.
     stalled = [f - 1 for f in fitness]
-    assert hold_the_best(clan, fitness, stalled, scores, plan, False, 0.99) == ({3: 0, 2: 0}, {})
+    assert hold_the_best(clan, fitness, stalled, scores, plan, False, 0.99) == ({3: 0, 1: 0}, {})
     assert last_fitness(history) == [f + 1 for f in fitness] and last_fitness([]) == []
 
 
