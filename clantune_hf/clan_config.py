@@ -87,15 +87,15 @@ class ClanConfig(TrainingArguments):
             leave it. `0` replaces the bottom fraction whatever the margin. A member with a non-finite fitness is
             always replaced.
         hold_confidence (`float`, *optional*, defaults to `0.0`):
-            Holding the best, e.g. 0.99. In a round whose best fitness beats the previous round's, the lowest member
-            the best beats with this confidence (a one-sided paired t-test over the eval batches) and that selection
-            spares becomes an exact copy of the best, unless the best has one already: weights, optimizer state and
-            genes, unmutated. Sharing gradients with a copy of itself, the best applies a mean less diluted by
-            members at other rates and weights. In a round that does not improve, the copy goes back to exploring as
-            a mutated clone of the best; rounds inside the scheduler's warmup make no copy. It lowers the cost of a
-            start that is already near right, but the clan explores with one member fewer while it improves and an
-            overfitting fine-tune loses, so it is off by default (docs/search.md, "Holding the best"). In [0, 1);
-            `0` switches it off.
+            Holding the best, e.g. 0.99. In a round whose best fitness beats the previous round's (so never the
+            first), the lowest member the best beats with this confidence (a one-sided paired t-test over the eval
+            batches) and that selection spares becomes an exact copy of the best, unless the best has one already:
+            weights, optimizer state and genes, unmutated. Sharing gradients with a copy of itself, the best applies
+            a mean less diluted by members at other rates and weights. In a round that does not improve, the copy
+            goes back to exploring as a mutated clone of the best; rounds inside the scheduler's warmup make no copy.
+            It lowers the cost of a start that is already near right, but the clan explores with one member fewer
+            while it improves and an overfitting fine-tune loses, so it is off by default (docs/search.md, "Holding
+            the best"). In [0, 1); `0` switches it off.
         select_in_warmup (`bool`, *optional*, defaults to `True`):
             Whether rounds that end inside the scheduler's warmup (`warmup_steps`) select and clone. While the warmup
             ramps every member's rate up, a member's rate is a fraction of what its learning-rate gene will give it,

@@ -230,9 +230,12 @@ def hold_the_best(
     confidence: float,
 ) -> tuple[dict[int, int], dict[int, int]]:
     """Holding the best, on top of a selection `plan`: `(plan, copies)`. In a round whose best fitness beats the
-    previous round's (`previous`; the first round has none), `copies` makes one member the best beats with
-    `confidence` its exact copy (`hold_copy`), unless it has one already; in one that does not, the best's copy
-    joins the plan as a mutated clone of it (`released_copies`)."""
+    previous round's (`previous`), `copies` makes one member the best beats with `confidence` its exact copy
+    (`hold_copy`), unless it has one already; in one that does not, the best's copy joins the plan as a mutated clone
+    of it (`released_copies`). The first round has nothing to beat and makes no copy: its leader has trained 25 steps
+    or so from the user's weights, and is often a member at a rate too high for the rest of the run."""
+    if not previous:
+        return plan, {}
     if not improved(fitness, previous, greater_is_better):
         return plan | released_copies(genomes, fitness, plan, greater_is_better), {}
     if not batch_scores or released_copies(genomes, fitness, plan, greater_is_better):
@@ -241,11 +244,9 @@ def hold_the_best(
 
 
 def improved(fitness: list[float], previous: list[float], greater_is_better: bool) -> bool:
-    """Whether this round's best fitness beats the previous round's (true in the first round, which has none)."""
+    """Whether this round's best fitness beats the previous round's."""
     best = min((_badness(f, greater_is_better) for f in fitness), default=math.inf)
-    if not math.isfinite(best):
-        return False
-    return not previous or best < min(_badness(f, greater_is_better) for f in previous)
+    return math.isfinite(best) and best < min((_badness(f, greater_is_better) for f in previous), default=math.inf)
 
 
 def hold_copy(

@@ -292,11 +292,10 @@ class ScriptedFitnessTrainer(ClanTrainer):
 
 
 def check_hold(output_dir):
-    """Holding the best (4 members): round 0 (nothing to improve on) makes member 2, the lowest member beaten on every
-    eval batch and spared by selection, an exact copy of member 0: weights, Adam state and fitness EMA bit for bit,
-    genes unmutated, while member 3 is the usual mutated clone; round 1 (the best improves) keeps that one copy and
-    makes no other; round 2, which does not improve, makes the copy a mutated clone of the best again, mirrored with
-    selection's clone."""
+    """Holding the best (4 members): round 0 has nothing to beat and makes no copy; round 1 (the best improves) makes
+    member 2, the lowest member beaten on every eval batch and spared by selection, an exact copy of member 0: weights,
+    Adam state and fitness EMA bit for bit, genes unmutated, while member 3 is the usual mutated clone; round 2, which
+    does not improve, makes the copy a mutated clone of the best again, mirrored with selection's clone."""
     trainer = make_trainer(output_dir, ScriptedFitnessTrainer, round_steps=3, max_steps=12, duty_cycle=0.34,
                            fitness_ema_steps=3, hold_confidence=0.99)  # fmt: skip
     with pytest.raises(_StopAfterRound):
@@ -305,7 +304,7 @@ def check_hold(output_dir):
     for r in trainer.clan_history:
         if r["parent"] is not None:
             parents[r["round"]][r["member"]] = r["parent"]
-    assert parents == {0: {2: 0, 3: 0}, 1: {3: 0}, 2: {2: 0, 3: 0}}, parents
+    assert parents == {0: {3: 0}, 1: {2: 0, 3: 0}, 2: {2: 0, 3: 0}}, parents
     for round_index, copied in parents.items():
         before, after, _, genomes = trainer.rounds[round_index]
         befores, afters = gather(before), gather(after)
@@ -314,12 +313,13 @@ def check_hold(output_dir):
             for key, value in befores[0].items():
                 assert torch.equal(afters[dst][key], value), f"round {round_index}: member {dst} differs at {key}"
     seed, resample = trainer.args.seed, trainer.args.resample_probability
+    values = [genome_values(g) for g in trainer.rounds[0][3]]
+    assert len({repr(v) for v in values}) == 4, "no copy after the first round"
+    genomes = trainer.rounds[1][3]
+    assert genomes[2] == genomes[0] and genome_values(genomes[1]) != genome_values(genomes[0]), "one copy, unmutated"
     for round_index in (0, 1):
         genomes = trainer.rounds[round_index][3]
-        values = [genome_values(g) for g in genomes]
-        assert values[2] == values[0] != values[1], "the copy keeps the best's genes, unmutated; one copy"
         assert genomes[3] == mutate(genomes[0], make_rng(seed, "mutate", round_index, 3), resample)
-    assert trainer.rounds[0][3][2] == trainer.rounds[0][3][0], "mutation scales too"
     genomes = trainer.rounds[2][3]
     assert genomes[2] == mutate(genomes[0], make_rng(seed, "mutate", 2, 2), resample)
     assert genomes[3] == mutate(genomes[0], make_rng(seed, "mutate", 2, 2), resample, mirror=True)

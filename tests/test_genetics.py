@@ -257,7 +257,6 @@ def test_success_rule_does_not_judge_an_exact_copy():
 
 
 def test_improved_compares_the_best_with_the_previous_rounds_best():
-    assert improved([0.5, 0.3], [], greater_is_better=False), "the first round has nothing to beat"
     assert improved([0.5, 0.3], [0.4, 0.35], greater_is_better=False)
     assert not improved([0.5, 0.35], [0.4, 0.35], greater_is_better=False), "a tie is no improvement"
     assert improved([0.5, 0.9], [0.8, 0.7], greater_is_better=True)
@@ -301,10 +300,12 @@ def test_hold_the_best_keeps_one_copy_while_the_clan_improves_and_releases_it_wh
     history = round_records(0, 10, [f + 1 for f in fitness], clan, {})
     plan = {3: 0}
     assert hold_the_best(clan, fitness, last_fitness(history), scores, plan, False, 0.99) == (plan, {2: 0})
-    assert hold_the_best(clan, fitness, [], scores, plan, False, 0.99) == (plan, {2: 0}), "a first round"
-    assert hold_the_best(clan, fitness, [], None, plan, False, 0.99) == (plan, {}), "no scores, no copy"
+    assert hold_the_best(clan, fitness, [], scores, plan, False, 0.99) == (plan, {}), "the first round beats nothing"
+    previous = last_fitness(history)
+    assert hold_the_best(clan, fitness, previous, None, plan, False, 0.99) == (plan, {}), "no scores, no copy"
     clan[1] = copy_genome(best)
-    assert hold_the_best(clan, fitness, [], scores, plan, False, 0.99) == (plan, {}), "the best has its copy"
+    assert hold_the_best(clan, fitness, previous, scores, plan, False, 0.99) == (plan, {}), "the best has its copy"
+    assert hold_the_best(clan, fitness, [], scores, plan, False, 0.99) == (plan, {}), "nor releases one"
     # No improvement on the last round: member 1, whose genes are the best's, explores again; nothing is copied.
     stalled = [f - 1 for f in fitness]
     assert hold_the_best(clan, fitness, stalled, scores, plan, False, 0.99) == ({3: 0, 1: 0}, {})
