@@ -232,8 +232,8 @@ def hold_the_best(
     """Holding the best, on top of a selection `plan`: `(plan, copies)`. In a round whose best fitness beats the
     previous round's (`previous`), `copies` makes one member the best beats with `confidence` its exact copy
     (`hold_copy`), unless it has one already; in one that does not, the best's copy joins the plan as a mutated clone
-    of it (`released_copies`). The first round has nothing to beat and makes no copy: its leader has trained 25 steps
-    or so from the user's weights, and is often a member at a rate too high for the rest of the run."""
+    of it (`released_copies`). The first round has nothing to beat and makes no copy: its leader has trained one round
+    from the user's weights, and is often a member at a rate too high for the rest of the run."""
     if not previous:
         return plan, {}
     if not improved(fitness, previous, greater_is_better):
