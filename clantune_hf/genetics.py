@@ -12,9 +12,9 @@ The search (docs/search.md explains it with its references):
   replaced. Optionally (`selection_confidence`) a member is replaced only when its source beats it significantly,
   by a paired t-test over the eval batches; with `select_in_warmup=False`, rounds that end inside the scheduler's
   warmup replace only members whose fitness is not finite.
-- **Holding the best.** While the clan's best fitness improves, members the best beats significantly (the same paired
-  test) become its exact copies, so it shares gradients with copies of itself; when it stops improving, its copies
-  explore again as mutated clones of it.
+- **Holding the best** (`hold_confidence`). From the second round on, while the clan's best fitness improves, one
+  member the best beats significantly (the same paired test) becomes its exact copy, so it shares gradients with a
+  copy of itself; when it stops improving, the copy explores again as a mutated clone of it.
 - **Mutation.** A clone mutates each gene's mutation scale first (log-normal self-adaptation), then the value with
   the new scale, reflected into the bounds. Clones made in the same round come in mirrored pairs (`u + s*z`,
   `u - s*z`), and each gene is instead drawn afresh from its bounds with probability `resample_probability`.
@@ -231,14 +231,15 @@ def hold_the_best(
 ) -> tuple[dict[int, int], dict[int, int]]:
     """Holding the best, on top of a selection `plan`: `(plan, copies)`. In a round whose best fitness beats the
     previous round's (`previous`), `copies` makes one member the best beats with `confidence` its exact copy
-    (`hold_copy`), unless it has one already; in one that does not, the best's copy joins the plan as a mutated clone
-    of it (`released_copies`). The first round has nothing to beat and makes no copy: its leader has trained one round
+    (`hold_copy`), unless it has one already (`copies_of_best`); in one that does not, the best's copy joins the plan
+    as a mutated clone of it. The first round has nothing to beat and makes no copy: its leader has trained one round
     from the user's weights, and is often a member at a rate too high for the rest of the run."""
     if not previous:
         return plan, {}
+    copies = copies_of_best(genomes, fitness, plan, greater_is_better)
     if not improved(fitness, previous, greater_is_better):
-        return plan | released_copies(genomes, fitness, plan, greater_is_better), {}
-    if not batch_scores or released_copies(genomes, fitness, plan, greater_is_better):
+        return plan | copies, {}
+    if not batch_scores or copies:
         return plan, {}
     return plan, hold_copy(fitness, batch_scores, plan, greater_is_better, confidence)
 
@@ -263,8 +264,8 @@ def hold_copy(
     every member the best beats: more copies leave fewer members exploring, and the clan trains as one model at its
     leader's rate, which overfits sooner and holds an early leader too long (docs/search.md)."""
     best, spared = _best_and_spared(fitness, plan, greater_is_better)
-    if not math.isfinite(fitness[best]) or batch_scores[best] is None or len(batch_scores[best]) < 2:
-        return {}  # no test, no copy
+    if batch_scores[best] is None or len(batch_scores[best]) < 2:
+        return {}  # no test, no copy (a best that is not finite leaves no finite member below it either)
     for member in reversed(rank_members(fitness, greater_is_better)):
         if (
             member not in spared
@@ -276,11 +277,12 @@ def hold_copy(
     return {}
 
 
-def released_copies(
+def copies_of_best(
     genomes: list[Genome], fitness: list[float], plan: dict[int, int], greater_is_better: bool
 ) -> dict[int, int]:
     """`{member: best}` for the members whose genes are the best's (its exact copy), left out of the plan and not a
-    clone source: in a round that did not improve, they go back to exploring as mutated clones of the best."""
+    clone source: while there is one, no other copy is made, and in a round that did not improve it goes back to
+    exploring as a mutated clone of the best."""
     best, spared = _best_and_spared(fitness, plan, greater_is_better)
     values = genome_values(genomes[best])
     return {

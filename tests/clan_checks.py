@@ -325,6 +325,18 @@ def check_hold(output_dir):
     assert genomes[3] == mutate(genomes[0], make_rng(seed, "mutate", 2, 2), resample, mirror=True)
     assert len(set(gather(repr(trainer.genomes)))) == 1, "every rank holds the same genomes"
 
+    # Rounds ending inside the scheduler's warmup (steps 3 and 6 of a 6-step warmup) make no copy, though round 1
+    # improves; round 2 does not improve, and there is no copy to release.
+    trainer = make_trainer(f"{output_dir}/warmup", ScriptedFitnessTrainer, round_steps=3, max_steps=12,
+                           duty_cycle=0.34, fitness_ema_steps=3, hold_confidence=0.99, warmup_steps=6)  # fmt: skip
+    with pytest.raises(_StopAfterRound):
+        trainer.train()
+    replaced = {r["round"]: [] for r in trainer.clan_history}
+    for r in trainer.clan_history:
+        if r["parent"] is not None:
+            replaced[r["round"]].append(r["member"])
+    assert replaced == {0: [3], 1: [3], 2: [3]}, replaced
+
 
 class NaNFitnessTrainer(ClanTrainer):
     def _member_fitness(self):

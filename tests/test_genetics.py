@@ -17,6 +17,7 @@ from clantune_hf.genetics import (
     adapt_scales,
     checksum,
     consensus,
+    copies_of_best,
     copy_genome,
     hold_copy,
     hold_the_best,
@@ -26,7 +27,6 @@ from clantune_hf.genetics import (
     mutate,
     rank_members,
     reflect,
-    released_copies,
     reproduce,
     selection_plan,
     significantly_better,
@@ -282,14 +282,14 @@ def test_hold_copy_is_the_lowest_member_the_best_beats_significantly_and_selecti
     assert hold_copy([0.9, 0.7], [[0.9], [0.7]], {}, True, 0.9) == {}
 
 
-def test_released_copies_are_the_members_with_the_best_members_genes():
+def test_copies_of_best_are_the_members_with_the_best_members_genes():
     best = genome(learning_rate=1e-3, weight_decay=0.01)
     clan = [genome(learning_rate=2e-3, weight_decay=0.01), copy_genome(best), copy_genome(best), copy_genome(best)]
     fitness = [0.5, 0.4, 0.4, 0.4]  # member 1 is the best (ties by id), 2 and 3 its exact copies
-    assert released_copies(clan, fitness, {0: 1}, greater_is_better=False) == {2: 1, 3: 1}
-    assert released_copies(clan, fitness, {3: 1}, greater_is_better=False) == {2: 1}, "the plan's are its own"
+    assert copies_of_best(clan, fitness, {0: 1}, greater_is_better=False) == {2: 1, 3: 1}
+    assert copies_of_best(clan, fitness, {3: 1}, greater_is_better=False) == {2: 1}, "the plan's are its own"
     clan[2] = genome(learning_rate=1e-3, weight_decay=0.02)
-    assert released_copies(clan, fitness, {}, greater_is_better=False) == {3: 1}
+    assert copies_of_best(clan, fitness, {}, greater_is_better=False) == {3: 1}
 
 
 def test_hold_the_best_keeps_one_copy_while_the_clan_improves_and_releases_it_when_it_does_not():
