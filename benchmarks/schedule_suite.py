@@ -143,8 +143,9 @@ VARIANTS: dict[str, dict] = {
     # Not a ClanConfig field: per-gene options merged into the problem's genes (where it schedules that gene).
     "linear_weight_decay": {"gene_options": {"weight_decay": {"scale": "linear"}}},
     "averaging": {"fitness_average_window": 0.5},
-    # Holding the best (off by default) and two clones a round.
+    # Holding the best (by default on from eight members, off below) and two clones a round.
     "hold": {"hold_confidence": 0.99},
+    "no_hold": {"hold_confidence": 0.0},
     "two_clones": {"selection_fraction": 0.5},
     "none": {
         "initial_spread": "local",
@@ -157,6 +158,7 @@ VARIANTS: dict[str, dict] = {
         "fitness_ema_steps": 0,
         "duty_cycle": 0.15,
         "gene_options": {"weight_decay": {"scale": "linear"}},
+        "hold_confidence": 0.0,
     },  # fmt: skip
     # Candidate changes, measured against the defaults: stronger selection (half the clan replaced each round), a
     # longer competitive window.
@@ -176,6 +178,11 @@ VARIANTS: dict[str, dict] = {
     "lr_step_0.2": {"gene_options": {"learning_rate": {"mutation_scale": 0.2}}},
     # Rounds that end inside the scheduler's warmup clone nothing.
     "warmup_wait": {"select_in_warmup": False},
+    # A longer final cooldown (the last 40% of the run instead of 20%), alone and with holding the best.
+    "cooldown_0.4": {"cooldown_fraction": 0.4},
+    "hold_cooldown_0.4": {"hold_confidence": 0.99, "cooldown_fraction": 0.4},
+    # Ranking at an EMA over about twice as many steps as the default's.
+    "ema_50": {"fitness_ema_steps": 50},
 }
 DEFAULT_SEEDS = {"full": "0", "quick": "0,1,2", "tiny": "0"}
 # `--ray-problems a,b` limits pbt_ray (the slowest method: Ray starts a worker process per trial) to some problems.

@@ -20,6 +20,11 @@ DEFAULT_COOLDOWN_FRACTION = 0.2
 # rate, the last weights favour the lower rate, and this average ranks rates as the end of the run does
 # (benchmarks/results/ranking_horizon/; on the benchmark suite it closes more of the gap on five problems).
 DEFAULT_FITNESS_EMA_STEPS = 25
+# Holding the best is on by default in a clan of at least this many members, where its copy is at most an eighth of
+# the clan: with eight members it halved the cost of a start already near right and helped nine problems of the
+# benchmark suite's twelve, with four the overfitting fine-tune it costs loses more (docs/search.md).
+HOLD_MIN_CLAN_SIZE = 8
+DEFAULT_HOLD_CONFIDENCE = 0.99
 # Schedules with a decay phase of their own, or that are not per-step factors `with_cooldown` can multiply.
 SCHEDULES_WITHOUT_COOLDOWN = ("warmup_stable_decay", "reduce_lr_on_plateau", "greedy")
 
@@ -86,16 +91,17 @@ class ClanConfig(TrainingArguments):
             On a plateau, members differ by noise, and cloning on noise throws away the member that is about to
             leave it. `0` replaces the bottom fraction whatever the margin. A member with a non-finite fitness is
             always replaced.
-        hold_confidence (`float`, *optional*, defaults to `0.0`):
-            Holding the best, e.g. 0.99. In a round whose best fitness beats the previous round's (so never the
-            first), the lowest member the best beats with this confidence (a one-sided paired t-test over the eval
-            batches) and that selection spares becomes an exact copy of the best, unless the best has one already:
-            weights, optimizer state and genes, unmutated. Sharing gradients with a copy of itself, the best applies
-            a mean less diluted by members at other rates and weights. In a round that does not improve, the copy
-            goes back to exploring as a mutated clone of the best; rounds inside the scheduler's warmup make no copy.
-            It lowers the cost of a start that is already near right, but the clan explores with one member fewer
-            while it improves and an overfitting fine-tune loses, so it is off by default (docs/search.md, "Holding
-            the best"). In [0, 1); `0` switches it off.
+        hold_confidence (`float`, *optional*):
+            Holding the best. In a round whose best fitness beats the previous round's (so never the first), the
+            lowest member the best beats with this confidence (a one-sided paired t-test over the eval batches) and
+            that selection spares becomes an exact copy of the best, unless the best has one already: weights,
+            optimizer state and genes, unmutated. Sharing gradients with a copy of itself, the best applies a mean
+            less diluted by members at other rates and weights. In a round that does not improve, the copy goes back
+            to exploring as a mutated clone of the best; rounds inside the scheduler's warmup make no copy. It lowers
+            the cost of a start that is already near right, while the clan explores with one member fewer as long as
+            it improves, which costs an overfitting fine-tune. Defaults to `0.99` in a clan of eight members or
+            more, where the copy is an eighth of the clan, and to `0` (off) in a smaller one, where the fine-tune
+            loses more than the rest gains (docs/search.md, "Holding the best"). In [0, 1); `0` switches it off.
         select_in_warmup (`bool`, *optional*, defaults to `True`):
             Whether rounds that end inside the scheduler's warmup (`warmup_steps`) select and clone. While the warmup
             ramps every member's rate up, a member's rate is a fraction of what its learning-rate gene will give it,
@@ -214,12 +220,12 @@ class ClanConfig(TrainingArguments):
             "t-test over the eval batches), in [0, 1); 0 replaces the bottom fraction whatever the margin."
         },
     )
-    hold_confidence: float = field(
-        default=0.0,
+    hold_confidence: float | None = field(
+        default=None,
         metadata={
             "help": "While the clan's best fitness improves, one member the best beats with this confidence (paired "
             "t-test over the eval batches) becomes its exact copy; in a round that does not improve the copy "
-            "explores again. In [0, 1); 0 switches it off."
+            "explores again. In [0, 1); 0 switches it off. Default: 0.99 in a clan of 8 members or more, else 0."
         },
     )
     select_in_warmup: bool = field(
@@ -382,7 +388,8 @@ class ClanConfig(TrainingArguments):
         )
         for name in fractions:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            optional = name == "hold_confidence" and value is None  # the trainer sets it: it knows the clan's size
+            if not optional and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"`{name}` must be a number, got {value!r}.")
         if self.round_steps < 1:
             raise ValueError(f"`round_steps` must be >= 1, got {self.round_steps}.")
@@ -417,7 +424,7 @@ class ClanConfig(TrainingArguments):
                 f"`selection_confidence` must be in [0, 1) (0 clones whatever the margin), got "
                 f"{self.selection_confidence}."
             )
-        if not 0.0 <= self.hold_confidence < 1.0:
+        if self.hold_confidence is not None and not 0.0 <= self.hold_confidence < 1.0:
             raise ValueError(
                 f"`hold_confidence` must be in [0, 1) (0 switches holding the best off), got {self.hold_confidence}."
             )
@@ -483,3 +490,8 @@ class ClanConfig(TrainingArguments):
                 f"`round_steps` ({self.round_steps}) is larger than `max_steps` ({self.max_steps}): no round would "
                 "finish. Lower round_steps or raise max_steps."
             )
+
+
+def default_hold_confidence(clan_size: int) -> float:
+    """`hold_confidence` where the user left it unset: on in a clan of `HOLD_MIN_CLAN_SIZE` members or more."""
+    return DEFAULT_HOLD_CONFIDENCE if clan_size >= HOLD_MIN_CLAN_SIZE else 0.0

@@ -30,7 +30,7 @@ from .checkpoint import (
     save_clan,
     save_member,
 )
-from .clan_config import ClanConfig
+from .clan_config import ClanConfig, default_hold_confidence
 from .console import use_clan_console
 from .dropout import mean_dropout
 from .evaluation import evaluate_clan
@@ -191,6 +191,8 @@ class ClanTrainer(Trainer):
 
         # Every rank checks the layout before any compute; a sharded member is FSDP2-sharded here, once.
         self.layout = member_layout(args.ranks_per_member, self.args.device)
+        if args.hold_confidence is None:
+            args.hold_confidence = default_hold_confidence(self.clan_size)
         # How this step shares gradients across members; the all-reduce hooks read it.
         self._sharing = Sharing(sharers=self.clan_size)
         if self.layout.sharded:

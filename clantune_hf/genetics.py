@@ -12,9 +12,10 @@ The search (docs/search.md explains it with its references):
   replaced. Optionally (`selection_confidence`) a member is replaced only when its source beats it significantly,
   by a paired t-test over the eval batches; with `select_in_warmup=False`, rounds that end inside the scheduler's
   warmup replace only members whose fitness is not finite.
-- **Holding the best** (`hold_confidence`). From the second round on, while the clan's best fitness improves, one
-  member the best beats significantly (the same paired test) becomes its exact copy, so it shares gradients with a
-  copy of itself; when it stops improving, the copy explores again as a mutated clone of it.
+- **Holding the best** (`hold_confidence`, by default on in a clan of eight or more). From the second round on, while
+  the clan's best fitness improves, one member the best beats significantly (the same paired test) becomes its exact
+  copy, so it shares gradients with a copy of itself; when it stops improving, the copy explores again as a mutated
+  clone of it.
 - **Mutation.** A clone mutates each gene's mutation scale first (log-normal self-adaptation), then the value with
   the new scale, reflected into the bounds. Clones made in the same round come in mirrored pairs (`u + s*z`,
   `u - s*z`), and each gene is instead drawn afresh from its bounds with probability `resample_probability`.

@@ -346,6 +346,7 @@ class NaNFitnessTrainer(ClanTrainer):
 def check_selection(output_dir):
     """Every rank computes the same plan; the best is never replaced; a NaN fitness ranks last."""
     trainer = make_trainer(output_dir, NaNFitnessTrainer, round_steps=2, duty_cycle=0.5, max_steps=8)
+    assert trainer.args.hold_confidence == 0.0, "left unset, a clan of fewer than eight does not hold the best"
     trainer.train()
     histories = gather(trainer.clan_history)
     assert all(h == histories[0] for h in histories), "ranks disagree on the history"

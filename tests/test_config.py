@@ -6,6 +6,7 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 from clantune_hf import ClanConfig
+from clantune_hf.clan_config import default_hold_confidence
 
 
 def config(tmp_path, **kwargs):
@@ -55,6 +56,13 @@ def test_members_are_ranked_at_an_ema_unless_sharded_or_given_a_window(tmp_path)
     )
 
 
+def test_holding_the_best_is_left_to_the_clan_size_unless_set(tmp_path):
+    assert config(tmp_path).hold_confidence is None  # ClanTrainer sets it from the clan's size
+    assert [default_hold_confidence(size) for size in (2, 4, 7, 8, 16)] == [0.0, 0.0, 0.0, 0.99, 0.99]
+    assert config(tmp_path, hold_confidence=0.0).hold_confidence == 0.0  # an explicit value is kept
+    assert config(tmp_path, hold_confidence=0.9).hold_confidence == 0.9
+
+
 def test_the_run_cools_down_unless_its_schedule_has_a_decay_phase_of_its_own(tmp_path):
     assert config(tmp_path).cooldown_fraction == 0.2
     assert config(tmp_path, lr_scheduler_type="constant").cooldown_fraction == 0.2
@@ -86,6 +94,8 @@ def test_the_contract_example(tmp_path):
         ({"ddp_broadcast_buffers": True}, "ddp_broadcast_buffers"),
         ({"round_steps": 100, "max_steps": 50}, "round_steps"),
         ({"selection_fraction": 0.9}, "selection_fraction"),
+        ({"hold_confidence": 1.0}, "hold_confidence"),
+        ({"hold_confidence": "high"}, "hold_confidence"),
         ({"fp16": True}, "fp16"),
     ],
 )
