@@ -291,6 +291,15 @@ class ScriptedFitnessTrainer(ClanTrainer):
             raise _StopAfterRound
 
 
+def plans_by_round(history: list[dict]) -> dict[int, dict[int, int]]:
+    """Each recorded round's selection (copies included) as `{replaced member: source}`, empty where none."""
+    plans = {r["round"]: {} for r in history}
+    for r in history:
+        if r["parent"] is not None:
+            plans[r["round"]][r["member"]] = r["parent"]
+    return plans
+
+
 def check_hold(output_dir):
     """Holding the best (4 members): round 0 has nothing to beat and makes no copy; round 1 (the best improves) makes
     member 2, the lowest member beaten on every eval batch and spared by selection, an exact copy of member 0: weights,
@@ -300,10 +309,7 @@ def check_hold(output_dir):
                            fitness_ema_steps=3, hold_confidence=0.99)  # fmt: skip
     with pytest.raises(_StopAfterRound):
         trainer.train()
-    parents = {r["round"]: {} for r in trainer.clan_history}
-    for r in trainer.clan_history:
-        if r["parent"] is not None:
-            parents[r["round"]][r["member"]] = r["parent"]
+    parents = plans_by_round(trainer.clan_history)
     assert parents == {0: {3: 0}, 1: {2: 0, 3: 0}, 2: {2: 0, 3: 0}}, parents
     for round_index, copied in parents.items():
         before, after, _, genomes = trainer.rounds[round_index]
@@ -331,10 +337,7 @@ def check_hold(output_dir):
                            duty_cycle=0.34, fitness_ema_steps=3, hold_confidence=0.99, warmup_steps=6)  # fmt: skip
     with pytest.raises(_StopAfterRound):
         trainer.train()
-    replaced = {r["round"]: [] for r in trainer.clan_history}
-    for r in trainer.clan_history:
-        if r["parent"] is not None:
-            replaced[r["round"]].append(r["member"])
+    replaced = {round_index: sorted(plan) for round_index, plan in plans_by_round(trainer.clan_history).items()}
     assert replaced == {0: [3], 1: [3], 2: [3]}, replaced
 
 
@@ -373,11 +376,8 @@ def check_selection_waits_for_the_warmup(output_dir):
         trainer.train()
         histories = gather(trainer.clan_history)
         assert all(h == histories[0] for h in histories), "ranks disagree on the history"
-        replaced = {
-            round_index: sorted(r["member"] for r in trainer.clan_history
-                                if r["round"] == round_index and r["parent"] is not None)
-            for round_index in (0, 1, 2)
-        }  # fmt: skip
+        plans = plans_by_round(trainer.clan_history)
+        replaced = {round_index: sorted(plans[round_index]) for round_index in (0, 1, 2)}
         two = dist.get_world_size() // 2  # selection_fraction=0.5 replaces half the clan: the NaN member and others
         for round_index, members in replaced.items():
             in_warmup = round_index < 2 and not select_in_warmup
