@@ -365,16 +365,7 @@ class ClanConfig(TrainingArguments):
                 "overflow, which a clan cannot tell from a diverging member; use `bf16` or full precision."
             )
 
-        integers = (
-            ("round_steps", self.round_steps),
-            ("fitness_eval_samples", self.fitness_eval_samples),
-            ("ranks_per_member", self.ranks_per_member),
-            ("fitness_ema_steps", self.fitness_ema_steps),
-        )
-        for name, value in integers:
-            optional = name == "fitness_eval_samples" and value is None
-            if not optional and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+        integers = ("round_steps", "fitness_eval_samples", "ranks_per_member", "fitness_ema_steps")
         fractions = (
             "initial_spread_width",
             "duty_cycle",
@@ -386,11 +377,15 @@ class ClanConfig(TrainingArguments):
             "selection_confidence",
             "hold_confidence",
         )
-        for name in fractions:
+        # Unset means: every eval sample ranks members; the trainer sets holding the best from the clan's size.
+        may_stay_unset = ("fitness_eval_samples", "hold_confidence")
+        for name in integers + fractions:
             value = getattr(self, name)
-            optional = name == "hold_confidence" and value is None  # the trainer sets it: it knows the clan's size
-            if not optional and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"`{name}` must be a number, got {value!r}.")
+            if value is None and name in may_stay_unset:
+                continue
+            integer = name in integers
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                raise ValueError(f"`{name}` must be {'an integer' if integer else 'a number'}, got {value!r}.")
         if self.round_steps < 1:
             raise ValueError(f"`round_steps` must be >= 1, got {self.round_steps}.")
         if self.ranks_per_member < 1:
