@@ -134,6 +134,7 @@ VARIANTS: dict[str, dict] = {
     "no_resample": {"resample_probability": 0.0},
     "no_mirroring": {"mirrored_clones": False},
     "no_solo": {"solo_radius": 1.0},
+    "median_solo": {"solo_center": "median"},  # soloists measured from the clan's median, not from its best
     "no_window_scaling": {"window_lr_scaling": False},
     "no_cooldown": {"cooldown_fraction": 0.0},
     "no_ema": {"fitness_ema_steps": 0},

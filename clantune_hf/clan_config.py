@@ -11,7 +11,7 @@ from accelerate.utils import parse_flag_from_env
 from transformers import TrainingArguments
 
 from .genes import DEFAULT_GENES, build_gene, describe_expressions, is_custom, parse_gene_options
-from .genetics import SPREADS, STEP_SIZE_CONTROLS
+from .genetics import SOLO_CENTERS, SPREADS, STEP_SIZE_CONTROLS
 
 # The last fifth of a run cools down by default: on the benchmark suite it helps the problems that start at a
 # constant learning rate and is neutral elsewhere (docs/search.md).
@@ -53,10 +53,15 @@ class ClanConfig(TrainingArguments):
             leaves more of the run to the shared gradient.
         solo_radius (`float`, *optional*, defaults to `0.25`):
             While the clan cooperates, a member whose optimizer genes (its learning rate, say) lie farther than this
-            fraction of a gene's bounds, in scale space, from the clan's median trains alone: it adds nothing to the
-            shared gradient and applies its own. The farthest train alone, as long as two members share. A member
-            far from the others moves its weights at another pace, so the mean of gradients taken at the others'
-            weights would steer it (and its gradient them) the wrong way. In (0, 1]; `1.0` lets every member share.
+            fraction of a gene's bounds, in scale space, from the last round's best member's (`solo_center`) trains
+            alone: it adds nothing to the shared gradient and applies its own. The farthest train alone, as long as
+            two members share. A member far from the others moves its weights at another pace, so the mean of
+            gradients taken at the others' weights would steer it (and its gradient them) the wrong way. In (0, 1];
+            `1.0` lets every member share.
+        solo_center (`str`, *optional*, defaults to `"best"`):
+            What `solo_radius` is measured from: `"best"`, the last round's best member (member 0 before the first
+            round), so the best shares only with members near its genes; when no other member is near it, the
+            clan's median decides instead. `"median"` always measures from the clan's median.
         window_lr_scaling (`bool`, *optional*, defaults to `True`):
             In the competitive window a member's step averages one batch where, cooperating, it averaged the batches
             of every member it shares with. With `True` its learning rate there is multiplied by
@@ -184,7 +189,16 @@ class ClanConfig(TrainingArguments):
         default=0.25,
         metadata={
             "help": "While cooperating, members whose optimizer genes lie farther than this fraction of a gene's "
-            "bounds from the clan median train alone on their own gradient, in (0, 1]; 1 lets every member share."
+            "bounds from the last round's best member (solo_center) train alone on their own gradient, in (0, 1]; "
+            "1 lets every member share."
+        },
+    )
+    solo_center: str = field(
+        default="best",
+        metadata={
+            "help": "What solo_radius is measured from: 'best', the last round's best member (the clan's median "
+            "when no other member is near it), or 'median', the clan's median.",
+            "choices": list(SOLO_CENTERS),
         },
     )
     window_lr_scaling: bool = field(
@@ -426,7 +440,11 @@ class ClanConfig(TrainingArguments):
         for name in ("initial_spread_width", "solo_radius"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
-        for name, choices in (("initial_spread", SPREADS), ("step_size_control", STEP_SIZE_CONTROLS)):
+        for name, choices in (
+            ("initial_spread", SPREADS),
+            ("step_size_control", STEP_SIZE_CONTROLS),
+            ("solo_center", SOLO_CENTERS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {getattr(self, name)!r}.")
         for name in ("mirrored_clones", "window_lr_scaling", "select_in_warmup"):

@@ -278,7 +278,9 @@ class ClanTrainer(Trainer):
         if self._decay_groups is None:  # the optimizer exists from the first step on
             check_expressible(self, values)
             self._decay_groups = decay_groups(self)
-        solo = soloists(self.genomes, self.args.solo_radius)
+        # Every rank holds the same history, so every rank derives the same soloists without a collective.
+        center = latest_best(self.clan_history, self.greater_is_better) if self.args.solo_center == "best" else None
+        solo = soloists(self.genomes, self.args.solo_radius, center)
         cooperating_sharers = self.clan_size - len(solo)
         self._sharing.alone = self.member in solo and not competitive
         self._sharing.sharers = self.clan_size if competitive else cooperating_sharers

@@ -24,6 +24,9 @@ The search (docs/search.md explains it with its references):
 - **Step-size control.** Under elitism, self-adaptation alone rewards small steps, so the scale shrinks while a gene
   is still far from its optimum. The success rule corrects it: when a clone beats its parent on the next fitness,
   both their scales grow; when it does not, both shrink, four times more slowly (Rechenberg's 1/5th rule).
+- **Who shares.** While the clan cooperates, members whose optimizer genes lie far from the last round's best
+  member's (`solo_radius`; from the clan's median when none is near the best) train alone, so the best shares
+  gradients only with members that learn at its pace.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import math
 import random
 import statistics
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .genes import OPTIMIZER, Gene
@@ -50,6 +54,7 @@ SUCCESS_GROWTH, FAILURE_SHRINK = math.exp(1 / 3), math.exp(-1 / 12)
 
 SPREADS = ("stratified", "local")
 STEP_SIZE_CONTROLS = ("success", "self_adaptive")
+SOLO_CENTERS = ("best", "median")  # what `solo_radius` is measured from
 
 
 @dataclass(frozen=True)
@@ -152,25 +157,35 @@ def consensus(genomes: list[Genome], name: str) -> float:
     return value
 
 
-def soloists(genomes: list[Genome], radius: float) -> set[int]:
+def soloists(genomes: list[Genome], radius: float, center: int | None = None) -> set[int]:
     """The members that train alone while the clan cooperates: those whose optimizer genes lie more than `radius` of
-    a gene's bounds (in scale space) from the clan's median, the farthest first, so that at least two members share.
+    a gene's bounds (in scale space) from member `center`'s (the last round's best), the farthest first, so that at
+    least two members share. With no `center`, or when no other member lies within `radius` of it, the distance is
+    from the clan's median instead.
 
     A member whose learning rate is far from the others' moves its weights at another pace, so the gradients the
     others take at their weights point it the wrong way (and its own, the others). Such a member neither adds to
-    nor applies the shared gradient; the rest share among themselves. A spread clan often has a far-off member on
-    each side of the median, and both must leave for the members in between to share cleanly. Genes stay in their
-    bounds, so no member is farther than 1: `radius=1` leaves every member sharing.
+    nor applies the shared gradient; the rest share among themselves. Measured from the best, the members near it
+    share with it and the others leave, so its gradient is not averaged with those of members that learn at another
+    pace. A best member with no neighbour would have to share with a far-off one, so then the median decides: a
+    spread clan often has a far-off member on each side of it, and both leave for the members in between to share
+    cleanly. Genes stay in their bounds, so no member is farther than 1: `radius=1` leaves every member sharing.
     """
-    distance = [0.0] * len(genomes)
-    for name, gene in genomes[0].items():
-        if gene.kind != OPTIMIZER:
-            continue
-        points = [genome[name].to_space(genome[name].value) for genome in genomes]
-        median = statistics.median(points)
-        for member, y in enumerate(points):
-            distance[member] = max(distance[member], abs(y - median) / gene.width)
-    far = sorted((m for m in range(len(genomes)) if distance[m] > radius), key=lambda m: (-distance[m], m))
+
+    def far_from(center_of: Callable[[list[float]], float]) -> list[int]:
+        distance = [0.0] * len(genomes)
+        for name, gene in genomes[0].items():
+            if gene.kind != OPTIMIZER:
+                continue
+            points = [genome[name].to_space(genome[name].value) for genome in genomes]
+            middle = center_of(points)
+            for member, y in enumerate(points):
+                distance[member] = max(distance[member], abs(y - middle) / gene.width)
+        return sorted((m for m in range(len(genomes)) if distance[m] > radius), key=lambda m: (-distance[m], m))
+
+    far = [] if center is None else far_from(lambda points: points[center])
+    if center is None or len(far) == len(genomes) - 1:
+        far = far_from(statistics.median)
     return set(far[: len(genomes) - 2])
 
 

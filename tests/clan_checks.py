@@ -166,6 +166,35 @@ def check_soloist(output_dir):
         assert not any(s["equals_local"] for s in trainer.steps)
 
 
+class FixedFitnessTrainer(RecordingTrainer):
+    """Ranks members by a fixed fitness (loss) instead of evaluating them: member 2 best, member 3 worst."""
+
+    def _gather_fitness(self, averaged: bool = True) -> list[float]:
+        return [3.0, 2.0, 1.0, 4.0]
+
+
+def check_soloists_follow_the_best(output_dir):
+    """Who trains alone is measured from the last round's best member (`solo_center="best"`): member 0 before the
+    first round, member 2 after it. Members 0 and 1 sit near the configured rate, 2 and 3 near the upper bound, so
+    in round 0 members 2 and 3 train alone, in round 1 members 0 and 1; every rank agrees, and each step applies
+    the gradient its role says."""
+    trainer = make_trainer(
+        output_dir, FixedFitnessTrainer, duty_cycle=0.0, round_steps=2, max_steps=4, initial_spread="local",
+        genes=["learning_rate"], solo_radius=0.25, warmup_steps=2, select_in_warmup=False,
+    )  # fmt: skip
+    assert trainer.args.solo_center == "best"
+    gene = trainer.genomes[trainer.member]["learning_rate"]
+    value = {0: gene.value, 1: gene.value * 1.2, 2: gene.high, 3: gene.high / 1.5}[trainer.member]
+    trainer.genomes = [{"learning_rate": g} for g in gather(dataclasses.replace(gene, value=value))]
+    trainer.steps = []
+    trainer.train()
+    alone = {s["step"]: s["alone"] for s in trainer.steps}
+    by_step = gather(alone)
+    for step, expected in ((0, {2, 3}), (1, {2, 3}), (2, {0, 1}), (3, {0, 1})):
+        assert {m for m, a in enumerate(by_step) if a[step]} == expected, (step, by_step)
+    assert all(s["equals_local"] if s["alone"] else s["equals_reduced"] for s in trainer.steps), trainer.steps
+
+
 def check_window_learning_rate(output_dir, scaling):
     """In the competitive window a member that shares while cooperating takes its gene's rate times sqrt(1 / the
     members it shares with) (`window_lr_scaling`), a soloist its gene's rate; cooperative steps take the gene's rate.

@@ -41,6 +41,10 @@ def test_a_far_off_member_trains_alone_while_the_others_share(tmp_path):
     run_clan(clan_checks.check_soloist, 4, str(tmp_path))
 
 
+def test_the_members_far_from_the_last_rounds_best_train_alone(tmp_path):
+    run_clan(clan_checks.check_soloists_follow_the_best, 4, str(tmp_path))
+
+
 @pytest.mark.parametrize("num_processes, scaling", [(2, True), (4, True), (4, False)])
 def test_the_window_scales_a_sharing_members_learning_rate_by_the_square_root_rule(tmp_path, num_processes, scaling):
     run_clan(clan_checks.check_window_learning_rate, num_processes, str(tmp_path), scaling)

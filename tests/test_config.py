@@ -24,6 +24,7 @@ def test_defaults(tmp_path):
     assert search == ("stratified", "success", True, 0.25)
     assert (args.selection_fraction, args.fitness_average_window, args.fitness_ema_steps) == (0.25, 0.0, 25)
     assert args.window_lr_scaling is True and args.select_in_warmup is True
+    assert (args.solo_radius, args.solo_center) == (0.25, "best")
 
 
 @pytest.mark.parametrize(
@@ -125,12 +126,12 @@ def test_command_line_sets_the_search(tmp_path):
     argv = (
         f"--output_dir {tmp_path} --initial_spread local --step_size_control self_adaptive --mirrored_clones False "
         "--resample_probability 0.1 --fitness_average_window 0 --window_lr_scaling False --fitness_ema_steps 25 "
-        "--select_in_warmup False"
+        "--select_in_warmup False --solo_center median"
     ).split()
     (args,) = parser.parse_args_into_dataclasses(argv)
     assert (args.initial_spread, args.step_size_control, args.mirrored_clones) == ("local", "self_adaptive", False)
     assert (args.resample_probability, args.fitness_average_window, args.window_lr_scaling) == (0.1, 0.0, False)
-    assert args.fitness_ema_steps == 25 and args.select_in_warmup is False
+    assert args.fitness_ema_steps == 25 and args.select_in_warmup is False and args.solo_center == "median"
     with pytest.raises(SystemExit):  # argparse names the field and its choices
         parser.parse_args_into_dataclasses(f"--output_dir {tmp_path} --initial_spread uniform".split())
 

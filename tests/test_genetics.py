@@ -436,6 +436,25 @@ def test_soloists_are_the_members_far_from_the_clan_median_in_optimizer_genes():
     assert soloists(spread, 0.25) == set()
 
 
+def test_soloists_are_measured_from_the_best_member_when_another_is_near_it():
+    def clan(*lrs):
+        return [genome(learning_rate=lr) for lr in lrs]
+
+    near_and_far = clan(1e-3, 1.2e-3, 5e-2, 6e-2)
+    assert soloists(near_and_far, 0.25) == set(), "from the median (about 8e-3) no member is a decade off"
+    assert soloists(near_and_far, 0.25, center=0) == {2, 3}, "the best shares with its neighbour only"
+    assert soloists(near_and_far, 0.25, center=3) == {0, 1}
+    # A best member with no neighbour within the radius: the median decides, so the far-off leader trains alone
+    # rather than sharing with a member 10x from it.
+    lone_leader = clan(1e-3, 1.2e-3, 0.9e-3, 5e-2)
+    assert soloists(lone_leader, 0.25, center=3) == soloists(lone_leader, 0.25) == {3}
+    # At least two members share, the farthest from the best leave first.
+    assert soloists(clan(1e-3, 1e-1, 2e-5, 1.1e-3, 3e-2), 0.25, center=0) == {1, 2, 4}
+    assert soloists(clan(1e-3, 1e-1, 2e-5, 1.1e-3, 1.2e-3), 0.25, center=0) == {1, 2}
+    assert soloists(clan(1e-3, 1e-1, 2e-5), 0.25, center=0) == {1}
+    assert soloists(clan(1e-5, 1e-1), 0.25, center=1) == set()
+
+
 @pytest.mark.parametrize(
     "p, df, exact",  # Student's t quantiles from the tables
     [(0.75, 7, 0.711), (0.9, 3, 1.638), (0.9, 7, 1.415), (0.95, 7, 1.895), (0.95, 30, 1.697), (0.99, 7, 2.998)],

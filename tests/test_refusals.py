@@ -37,6 +37,7 @@ def config(tmp_path, **kwargs) -> ClanConfig:
         # The search
         ({"initial_spread": "uniform"}, "initial_spread"),
         ({"step_size_control": "cma"}, "step_size_control"),
+        ({"solo_center": "mean"}, "solo_center"),
         ({"resample_probability": 1.5}, "resample_probability"),
         ({"resample_probability": -0.1}, "resample_probability"),
         ({"resample_probability": "0.25"}, "resample_probability"),
