@@ -183,10 +183,11 @@ def soloists(genomes: list[Genome], radius: float, center: int | None = None) ->
                 distance[member] = max(distance[member], abs(y - middle) / gene.width)
         return sorted((m for m in range(len(genomes)) if distance[m] > radius), key=lambda m: (-distance[m], m))
 
-    far = [] if center is None else far_from(lambda points: points[center])
-    if center is None or len(far) == len(genomes) - 1:
-        far = far_from(statistics.median)
-    return set(far[: len(genomes) - 2])
+    if center is not None:
+        far = far_from(lambda points: points[center])
+        if len(far) < len(genomes) - 1:  # another member lies near the best
+            return set(far[: len(genomes) - 2])
+    return set(far_from(statistics.median)[: len(genomes) - 2])
 
 
 def _badness(value: float, greater_is_better: bool) -> float:

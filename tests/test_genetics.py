@@ -417,42 +417,43 @@ def test_selection_plan_replaces_the_bottom_with_the_top_and_spares_the_best():
     assert plan == {2: 0}, "never more than half, never the best"
 
 
-def test_soloists_are_the_members_far_from_the_clan_median_in_optimizer_genes():
-    def clan(*lrs, dropout=0.1):
-        return [genome(learning_rate=lr, dropout=dropout) for lr in lrs]
+def lr_clan(*lrs: float) -> list:
+    """A clan whose members differ only in their learning rate (dropout 0.1 for all: a specialized gene)."""
+    return [genome(learning_rate=lr, dropout=0.1) for lr in lrs]
 
+
+def test_soloists_are_the_members_far_from_the_clan_median_in_optimizer_genes():
     # Default bounds lr/100 .. lr*100 around 1e-3: four decades, so a radius of 0.25 is one decade.
-    assert soloists(clan(1e-3, 1.2e-3, 0.9e-3, 1.1e-3), 0.25) == set(), "members within 10x all share"
-    assert soloists(clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 0.25) == {3}
-    assert soloists(clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 1.0) == set(), "a radius of 1 lets every member share"
+    assert soloists(lr_clan(1e-3, 1.2e-3, 0.9e-3, 1.1e-3), 0.25) == set(), "members within 10x all share"
+    assert soloists(lr_clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 0.25) == {3}
+    assert soloists(lr_clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 1.0) == set(), "a radius of 1 lets every member share"
     # Even a member a whole width (four decades) from the median: no gene is farther than its bounds.
-    assert soloists(clan(1e-5, 1e-5, 1e-5, 1e-1), 1.0) == set() and soloists(clan(1e-5, 1e-5, 1e-5, 1e-1), 0.99) == {3}
+    assert soloists(lr_clan(1e-5, 1e-5, 1e-5, 1e-1), 1.0) == set() and soloists(
+        lr_clan(1e-5, 1e-5, 1e-5, 1e-1), 0.99
+    ) == {3}
     # Far on both sides: the farthest first, and at least two members always share.
-    far_both = clan(1e-3, 1.2e-3, 2e-5, 5e-2, 1.1e-3, 1e-1)
+    far_both = lr_clan(1e-3, 1.2e-3, 2e-5, 5e-2, 1.1e-3, 1e-1)
     assert soloists(far_both, 0.25) == {2, 3, 5}
-    assert len(soloists(clan(1e-5, 1e-3, 1e-1), 0.25)) <= 1 and soloists(clan(1e-5, 1e-1), 0.25) == set()
+    assert len(soloists(lr_clan(1e-5, 1e-3, 1e-1), 0.25)) <= 1 and soloists(lr_clan(1e-5, 1e-1), 0.25) == set()
     # Specialized genes (dropout) never send a member alone: it shares gradients whatever its dropout.
     spread = [genome(learning_rate=1e-3, dropout=d) for d in (0.0, 0.1, 0.1, 0.9)]
     assert soloists(spread, 0.25) == set()
 
 
 def test_soloists_are_measured_from_the_best_member_when_another_is_near_it():
-    def clan(*lrs):
-        return [genome(learning_rate=lr) for lr in lrs]
-
-    near_and_far = clan(1e-3, 1.2e-3, 5e-2, 6e-2)
+    near_and_far = lr_clan(1e-3, 1.2e-3, 5e-2, 6e-2)
     assert soloists(near_and_far, 0.25) == set(), "from the median (about 8e-3) no member is a decade off"
     assert soloists(near_and_far, 0.25, center=0) == {2, 3}, "the best shares with its neighbour only"
     assert soloists(near_and_far, 0.25, center=3) == {0, 1}
     # A best member with no neighbour within the radius: the median decides, so the far-off leader trains alone
     # rather than sharing with a member 10x from it.
-    lone_leader = clan(1e-3, 1.2e-3, 0.9e-3, 5e-2)
+    lone_leader = lr_clan(1e-3, 1.2e-3, 0.9e-3, 5e-2)
     assert soloists(lone_leader, 0.25, center=3) == soloists(lone_leader, 0.25) == {3}
     # At least two members share, the farthest from the best leave first.
-    assert soloists(clan(1e-3, 1e-1, 2e-5, 1.1e-3, 3e-2), 0.25, center=0) == {1, 2, 4}
-    assert soloists(clan(1e-3, 1e-1, 2e-5, 1.1e-3, 1.2e-3), 0.25, center=0) == {1, 2}
-    assert soloists(clan(1e-3, 1e-1, 2e-5), 0.25, center=0) == {1}
-    assert soloists(clan(1e-5, 1e-1), 0.25, center=1) == set()
+    assert soloists(lr_clan(1e-3, 1e-1, 2e-5, 1.1e-3, 3e-2), 0.25, center=0) == {1, 2, 4}
+    assert soloists(lr_clan(1e-3, 1e-1, 2e-5, 1.1e-3, 1.2e-3), 0.25, center=0) == {1, 2}
+    assert soloists(lr_clan(1e-3, 1e-1, 2e-5), 0.25, center=0) == {1}
+    assert soloists(lr_clan(1e-5, 1e-1), 0.25, center=1) == set()
 
 
 @pytest.mark.parametrize(
