@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="A few steps: checks the script, not numbers.")
     parser.add_argument("--duty-cycle", type=float, default=None, help="Override the suite's duty cycle.")
     parser.add_argument("--solo-radius", type=float, default=None, help="Override solo_radius.")
+    parser.add_argument("--cooldown-fraction", type=float, default=None, help="Override cooldown_fraction.")
     parser.add_argument(
         "--resync", action="store_true", help="Members take member 0's weights and optimizer at each round's end."
     )
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["duty_cycle"] = args.duty_cycle
     if args.solo_radius is not None:
         overrides["solo_radius"] = args.solo_radius
+    if args.cooldown_fraction is not None:
+        overrides["cooldown_fraction"] = args.cooldown_fraction
     # The runs fork from this process and build `clantune_hf.ClanTrainer`: make that the fixed clan.
     FixedMembersTrainer.learning_rates = rates
     FixedMembersTrainer.resync = args.resync

@@ -170,6 +170,7 @@ VARIANTS: dict[str, dict] = {
     "duty_0.8": {"duty_cycle": 0.8},
     "spread_half": {"initial_spread_width": 0.5},
     "solo_0.15": {"solo_radius": 0.15},
+    "solo_0.08": {"solo_radius": 0.08},
     # Cloning gated on a paired test over the eval batches.
     "confident_0.75": {"selection_confidence": 0.75},
     "confident_0.9": {"selection_confidence": 0.9},

@@ -336,6 +336,21 @@ def test_fixed_members_resync_restarts_every_round_from_member_0(tmp_path):
     assert fitness[True][1, 1] != fitness[False][1, 1], "member 1's last round started from member 0's weights"
 
 
+def test_identical_members_without_window_or_cooldown_train_as_the_plain_trainer(tmp_path):
+    """Members that share every gradient, at one rate, with no competitive window and no cooldown are one DDP run: the
+    clan's final model scores as the plain `Trainer`'s at the same start, seed and global batch."""
+    fixed = tmp_path / "fixed"
+    run_script("fixed_members.py", "--tiny", "--problem", "well_tuned", "--learning-rates", "0.03,0.03",
+               "--duty-cycle", "0", "--cooldown-fraction", "0", "--out", str(fixed))  # fmt: skip
+    run_script("schedule_suite.py", "--tiny", "--problems", "well_tuned", "--methods", "default", "--seeds", "0",
+               "--out", str(tmp_path / "suite"))  # fmt: skip
+    with open(fixed / "result.json") as f:
+        clan = json.load(f)["fitness"]
+    with open(tmp_path / "suite" / "results.json") as f:
+        plain = json.load(f)["problems"]["well_tuned"]["methods"]["default"]["per_seed"]["0"]["fitness"]
+    assert math.isclose(clan, plain, rel_tol=1e-5), (clan, plain)
+
+
 def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     """--reference takes the methods --methods (and the variants --variants) leaves out from an earlier run, and
     scores variants against them; a variant that only changes genes a problem does not schedule is not run there; a
