@@ -74,12 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     settings = Settings(**{**SUITES[suite], "num_processes": len(rates)}, seed=args.seed, cache_dir=cache)
     settings = problem_settings(ALL_PROBLEMS[args.problem], settings)
     overrides = {"genes": ["learning_rate"], "resample_probability": 0.0}
-    if args.duty_cycle is not None:
-        overrides["duty_cycle"] = args.duty_cycle
-    if args.solo_radius is not None:
-        overrides["solo_radius"] = args.solo_radius
-    if args.cooldown_fraction is not None:
-        overrides["cooldown_fraction"] = args.cooldown_fraction
+    # The override flags are ClanConfig fields of the same names (argparse turns --duty-cycle into duty_cycle).
+    for name in ("duty_cycle", "solo_radius", "cooldown_fraction"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     # The runs fork from this process and build `clantune_hf.ClanTrainer`: make that the fixed clan.
     FixedMembersTrainer.learning_rates = rates
     FixedMembersTrainer.resync = args.resync

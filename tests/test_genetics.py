@@ -428,9 +428,9 @@ def test_soloists_are_the_members_far_from_the_clan_median_in_optimizer_genes():
     assert soloists(lr_clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 0.25) == {3}
     assert soloists(lr_clan(1e-3, 1.2e-3, 0.9e-3, 5e-2), 1.0) == set(), "a radius of 1 lets every member share"
     # Even a member a whole width (four decades) from the median: no gene is farther than its bounds.
-    assert soloists(lr_clan(1e-5, 1e-5, 1e-5, 1e-1), 1.0) == set() and soloists(
-        lr_clan(1e-5, 1e-5, 1e-5, 1e-1), 0.99
-    ) == {3}
+    a_width_off = lr_clan(1e-5, 1e-5, 1e-5, 1e-1)
+    assert soloists(a_width_off, 1.0) == set()
+    assert soloists(a_width_off, 0.99) == {3}
     # Far on both sides: the farthest first, and at least two members always share.
     far_both = lr_clan(1e-3, 1.2e-3, 2e-5, 5e-2, 1.1e-3, 1e-1)
     assert soloists(far_both, 0.25) == {2, 3, 5}
