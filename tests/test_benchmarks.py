@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -199,6 +200,41 @@ def test_tables_aggregate_seeds_and_count_per_method():
     assert ablation[-1] == "| **gap_closed ≥ 0.9; median** | 1/2; median +0.55 | 0/2; median +0.05 |"
     assert "| d | score 1.3000 ± 0.1414 | score 1.8000 ± 0.1414 |" in ablation  # no gap: the score itself
     assert len([line for line in ablation if line.startswith("|")]) == 2 + 4 + 1  # header, rule, problems, counts
+
+
+def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
+    """seed_spread.py's arithmetic on made-up files: seeds from two files of one method (a variant in the second), the
+    sd over all of them, and the sd of a 2-seed mean over the first file's oracle-to-default gap (or the default, as
+    harm); a seed held twice keeps the first file's score, and a non-finite one is left out."""
+
+    def runs(scores: dict[int, float]) -> dict:
+        return {"per_seed": {str(seed): {"fitness": value} for seed, value in scores.items()}}
+
+    first = {
+        "problems": {
+            "a": {"do_no_harm": False, "methods": {"default": {"fitness": 3.0}, "oracle": {"fitness": 2.0},
+                                                   "clan": runs({0: 2.1, 1: 2.3})}},
+            "b": {"do_no_harm": True, "methods": {"default": {"fitness": 2.0}, "oracle": {"fitness": 2.0},
+                                                  "clan": runs({0: 2.0, 1: 2.04})}},
+        }
+    }  # fmt: skip
+    second = {
+        "problems": {
+            "a": {"variants": {"v": runs({1: 9.9, 2: 2.1, 3: 2.3, 4: math.nan})}},
+            "b": {"variants": {"v": runs({2: 2.0, 3: 2.04})}},
+        }
+    }
+    paths = []
+    for name, results in (("first", first), ("second", second)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(results, f)
+    table = run_script("seed_spread.py", paths[0], f"{paths[1]}:v", "--per-mean", "2").splitlines()
+    sd = statistics.stdev([2.1, 2.3, 2.1, 2.3])  # seed 1 is the first file's 2.3, not 9.9; seed 4 is not finite
+    assert f"| a | 2.1000 2.3000 2.1000 2.3000 (seeds 0-3) | {sd:.4f} | gap_closed {sd / 2**0.5 / 1.0:.3f} |" in table
+    harm = 100 * statistics.stdev([2.0, 2.04, 2.0, 2.04]) / 2**0.5 / 2.0
+    assert f"| b | 2.0000 2.0400 2.0000 2.0400 (seeds 0-3) | 0.0231 | harm {harm:.2f}% |" in table
+    assert "--per-mean must be >= 1" in refusal("seed_spread.py", paths[0], "--per-mean", "0")
 
 
 def test_every_problem_builds_and_trains_a_step(tmp_path):

@@ -1,0 +1,89 @@
+"""How far apart can two runs of the same clan land? The spread of one method's test scores over many seeds, from the
+suite's results files, and what it means for a mean over a few seeds in the suite's own units.
+
+A candidate change to the search is judged by its gap_closed (mean over three seeds) against the defaults'. This
+prints, per problem, the method's score at every seed the files hold, their standard deviation, and the standard
+deviation of a mean over `--per-mean` seeds expressed as gap_closed (divided by the oracle-to-default gap of the first
+file) or, for the do-no-harm problem, as harm (divided by the default's score). A difference between two candidates
+smaller than about twice that figure is within what reseeding the same clan gives:
+
+    python benchmarks/seed_spread.py benchmarks/results/quick/results.json \
+        benchmarks/results/variants/results_run126_anchor_free_345.json:anchor_free \
+        benchmarks/results/variants/results_run124_anchor_free_678.json:anchor_free
+
+Each argument is a results.json, optionally with `:name` for the method or variant to read (default `clan`); the
+files should hold different seeds of the same method. The first file must hold the default and oracle runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+
+
+def _entry(problem: dict, name: str) -> dict | None:
+    return problem.get("methods", {}).get(name) or problem.get("variants", {}).get(name)
+
+
+def seed_scores(sources: list[tuple[dict, str]]) -> dict[str, dict[int, float]]:
+    """Per problem of the first file, the method's test score at every seed the files hold (a seed held twice keeps
+    its first score)."""
+    scores: dict[str, dict[int, float]] = {}
+    for name in sources[0][0]["problems"]:
+        scores[name] = {}
+        for results, method in sources:
+            entry = _entry(results["problems"].get(name, {}), method)
+            for seed, run in ((entry or {}).get("per_seed") or {}).items():
+                if run.get("fitness") is not None and math.isfinite(run["fitness"]):
+                    scores[name].setdefault(int(seed), run["fitness"])
+    return scores
+
+
+def spread_table(sources: list[tuple[dict, str]], per_mean: int = 3) -> str:
+    """A markdown table: each problem's scores by seed, their sd, and the sd of a `per_mean`-seed mean in gap_closed
+    (or harm) units of the first file's default and oracle."""
+    reference = sources[0][0]["problems"]
+    rows = [
+        f"| problem | score by seed | sd | sd of a mean over {per_mean} seeds |",
+        "|---|---|---|---|",
+    ]
+    for name, by_seed in seed_scores(sources).items():
+        values = [by_seed[seed] for seed in sorted(by_seed)]
+        if len(values) < 2:
+            continue
+        sd = statistics.stdev(values)
+        default = _entry(reference[name], "default")["fitness"]
+        oracle = (_entry(reference[name], "oracle") or {}).get("fitness")
+        sd_mean = sd / math.sqrt(per_mean)
+        if reference[name].get("do_no_harm"):
+            unit = f"harm {100 * sd_mean / abs(default):.2f}%"
+        elif oracle is None or oracle == default:
+            unit = "–"
+        else:
+            unit = f"gap_closed {sd_mean / abs(oracle - default):.3f}"
+        scores = " ".join(f"{value:.4f}" for value in values)
+        rows.append(f"| {name} | {scores} (seeds {min(by_seed)}-{max(by_seed)}) | {sd:.4f} | {unit} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="results.json[:method or variant], seeds of one method")
+    parser.add_argument("--per-mean", type=int, default=3, help="Seeds per mean, as the suite averages (3).")
+    args = parser.parse_args(argv)
+    if args.per_mean < 1:
+        parser.error("--per-mean must be >= 1")
+    sources = []
+    for argument in args.results:
+        path, _, method = argument.partition(":")
+        with open(path) as f:
+            sources.append((json.load(f), method or "clan"))
+    table = spread_table(sources, args.per_mean)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
