@@ -13,6 +13,10 @@ smaller than about twice that figure is within what reseeding the same clan give
 
 Each argument is a results.json, optionally with `:name` for the method or variant to read (default `clan`); the
 files should hold different seeds of the same method. The first file must hold the default and oracle runs.
+
+With `--compare LABEL=FILE[:NAME][,FILE[:NAME]...]` (repeatable) it also prints each candidate's gap_closed of its mean
+over every seed its files hold beside the method's own (`--label`), against the same default and oracle, with the
+count at 0.9 and the median: a comparison over more seeds than one results file holds.
 """
 
 from __future__ import annotations
@@ -68,19 +72,81 @@ def spread_table(sources: list[tuple[dict, str]], per_mean: int = 3) -> str:
     return "\n".join(rows)
 
 
+def _gap_text(problem: dict, mean: float) -> tuple[str, float | None]:
+    """A mean score in the bar's unit against `problem`'s default and oracle: (cell text, gap_closed or None)."""
+    default = _entry(problem, "default")["fitness"]
+    oracle = (_entry(problem, "oracle") or {}).get("fitness")
+    sign = 1.0 if problem.get("greater_is_better") else -1.0
+    if problem.get("do_no_harm"):
+        return f"harm {100 * sign * (default - mean) / abs(default):.2f}%", None
+    if oracle is None or sign * (oracle - default) <= 0:  # no gap to close: the score itself
+        return f"score {mean:.4f}", None
+    gap = (mean - default) / (oracle - default)
+    return f"{gap:+.3f}", gap
+
+
+def pooled_table(columns: dict[str, list[tuple[dict, str]]]) -> str:
+    """A markdown table: per problem of the first column's first file, each column's gap_closed of its mean over every
+    seed its files hold (harm on the do-no-harm problem), against that file's default and oracle; then the count at
+    gap_closed >= 0.9 and the median."""
+    reference = next(iter(columns.values()))[0][0]["problems"]
+    scores = {label: seed_scores(sources) for label, sources in columns.items()}
+    rows = ["| problem | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    gaps: dict[str, list[float]] = {label: [] for label in columns}
+    for name, problem in reference.items():
+        cells = []
+        for label in columns:
+            by_seed = scores[label].get(name) or {}
+            if not by_seed:
+                cells.append("–")
+                continue
+            text, gap = _gap_text(problem, statistics.fmean(by_seed.values()))
+            cells.append(f"{text} ({len(by_seed)} seeds)")
+            if gap is not None:
+                gaps[label].append(gap)
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    summary = [
+        f"{sum(g >= 0.9 for g in gap)}/{len(gap)}; median {statistics.median(gap):+.3f}" if gap else "–"
+        for gap in gaps.values()
+    ]
+    rows.append("| **gap_closed ≥ 0.9; median** | " + " | ".join(summary) + " |")
+    return "\n".join(rows)
+
+
+def _sources(arguments: list[str]) -> list[tuple[dict, str]]:
+    """`FILE[:NAME]` arguments, loaded: (results, method or variant name)."""
+    sources = []
+    for argument in arguments:
+        path, _, method = argument.partition(":")
+        with open(path) as f:
+            sources.append((json.load(f), method or "clan"))
+    return sources
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results.json[:method or variant], seeds of one method")
     parser.add_argument("--per-mean", type=int, default=3, help="Seeds per mean, as the suite averages (3).")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="LABEL=FILE[:NAME][,FILE[:NAME]...]",
+        help="A candidate's files over several seeds, compared with the method's own by its mean over every seed.",
+    )
+    parser.add_argument("--label", default="method", help="The method's column in the --compare table.")
     args = parser.parse_args(argv)
     if args.per_mean < 1:
         parser.error("--per-mean must be >= 1")
-    sources = []
-    for argument in args.results:
-        path, _, method = argument.partition(":")
-        with open(path) as f:
-            sources.append((json.load(f), method or "clan"))
-    table = spread_table(sources, args.per_mean)
+    columns = {args.label: _sources(args.results)}
+    for spec in args.compare:
+        label, equals, files = spec.partition("=")
+        if not equals or not label or not files or label in columns:
+            parser.error(f"--compare {spec!r}: give LABEL=FILE[:NAME][,FILE[:NAME]...] with a label of its own")
+        columns[label] = _sources(files.split(","))
+    table = spread_table(columns[args.label], args.per_mean)
+    if len(columns) > 1:
+        table += "\n\n" + pooled_table(columns)
     print(table)
     return table
 

@@ -236,6 +236,16 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
     assert f"| b | 2.0000 2.0400 2.0000 2.0400 (seeds 0-3) | 0.0231 | harm {harm:.2f}% |" in table
     assert "--per-mean must be >= 1" in refusal("seed_spread.py", paths[0], "--per-mean", "0")
 
+    # --compare: each column's mean over all its seeds, against the first file's default (3.0) and oracle (2.0).
+    compared = run_script(
+        "seed_spread.py", *paths[:1], f"{paths[1]}:v", "--label", "d", "--compare", f"w={paths[1]}:v"
+    )
+    compared = compared.splitlines()
+    assert "| a | +0.800 (4 seeds) | -1.767 (3 seeds) |" in compared  # w: 9.9, 2.1 and 2.3
+    assert "| b | harm 1.00% (4 seeds) | harm 1.00% (2 seeds) |" in compared
+    assert "| **gap_closed ≥ 0.9; median** | 0/1; median +0.800 | 0/1; median -1.767 |" in compared
+    assert "a label of its own" in refusal("seed_spread.py", paths[0], "--label", "d", "--compare", f"d={paths[1]}")
+
 
 def test_every_problem_builds_and_trains_a_step(tmp_path):
     """Every problem, the held-out ones and those the tiny run above skips included: its data, model and (for
