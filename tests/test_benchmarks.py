@@ -237,10 +237,8 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
     assert "--per-mean must be >= 1" in refusal("seed_spread.py", paths[0], "--per-mean", "0")
 
     # --compare: each column's mean over all its seeds, against the first file's default (3.0) and oracle (2.0).
-    compared = run_script(
-        "seed_spread.py", *paths[:1], f"{paths[1]}:v", "--label", "d", "--compare", f"w={paths[1]}:v"
-    )
-    compared = compared.splitlines()
+    compare = ("--label", "d", "--compare", f"w={paths[1]}:v")
+    compared = run_script("seed_spread.py", paths[0], f"{paths[1]}:v", *compare).splitlines()
     assert "| a | +0.800 (4 seeds) | -1.767 (3 seeds) |" in compared  # w: 9.9, 2.1 and 2.3
     assert "| b | harm 1.00% (4 seeds) | harm 1.00% (2 seeds) |" in compared
     assert "| **gap_closed ≥ 0.9; median** | 0/1; median +0.800 | 0/1; median -1.767 |" in compared
