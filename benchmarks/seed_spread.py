@@ -26,6 +26,8 @@ import json
 import math
 import statistics
 
+from schedule_suite import gap_closed, harm
+
 
 def _entry(problem: dict, name: str) -> dict | None:
     return problem.get("methods", {}).get(name) or problem.get("variants", {}).get(name)
@@ -73,15 +75,16 @@ def spread_table(sources: list[tuple[dict, str]], per_mean: int = 3) -> str:
 
 
 def _gap_text(problem: dict, mean: float) -> tuple[str, float | None]:
-    """A mean score in the bar's unit against `problem`'s default and oracle: (cell text, gap_closed or None)."""
+    """A mean score in the bar's unit against `problem`'s default and oracle, as the suite scores it: (cell text,
+    gap_closed or None)."""
     default = _entry(problem, "default")["fitness"]
     oracle = (_entry(problem, "oracle") or {}).get("fitness")
-    sign = 1.0 if problem.get("greater_is_better") else -1.0
+    greater_is_better = bool(problem.get("greater_is_better"))
     if problem.get("do_no_harm"):
-        return f"harm {100 * sign * (default - mean) / abs(default):.2f}%", None
-    if oracle is None or sign * (oracle - default) <= 0:  # no gap to close: the score itself
+        return f"harm {100 * harm(default, mean, greater_is_better):.2f}%", None
+    gap = gap_closed(default, mean, oracle, greater_is_better)
+    if gap is None:  # no gap to close: the score itself
         return f"score {mean:.4f}", None
-    gap = (mean - default) / (oracle - default)
     return f"{gap:+.3f}", gap
 
 
