@@ -60,13 +60,14 @@ def spread_table(sources: list[tuple[dict, str]], per_mean: int = 3) -> str:
         if len(values) < 2:
             continue
         sd = statistics.stdev(values)
-        default = _entry(reference[name], "default")["fitness"]
-        oracle = (_entry(reference[name], "oracle") or {}).get("fitness")
+        problem = reference[name]
+        default = _entry(problem, "default")["fitness"]
+        oracle = (_entry(problem, "oracle") or {}).get("fitness")
         sd_mean = sd / math.sqrt(per_mean)
-        if reference[name].get("do_no_harm"):
+        if problem.get("do_no_harm"):
             unit = f"harm {100 * sd_mean / abs(default):.2f}%"
-        elif oracle is None or oracle == default:
-            unit = "–"
+        elif gap_closed(default, oracle, oracle, bool(problem.get("greater_is_better"))) is None:
+            unit = "–"  # the oracle is no better than the start: no gap to measure in
         else:
             unit = f"gap_closed {sd_mean / abs(oracle - default):.3f}"
         scores = " ".join(f"{value:.4f}" for value in values)
