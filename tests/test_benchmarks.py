@@ -216,6 +216,8 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
                                                    "clan": runs({0: 2.1, 1: 2.3})}},
             "b": {"do_no_harm": True, "methods": {"default": {"fitness": 2.0}, "oracle": {"fitness": 2.0},
                                                   "clan": runs({0: 2.0, 1: 2.04})}},
+            "c": {"do_no_harm": False, "methods": {"default": {"fitness": 1.0}, "oracle": {"fitness": 1.5},
+                                                   "clan": runs({0: 1.2, 1: 1.4})}},  # the oracle is worse: no gap
         }
     }  # fmt: skip
     second = {
@@ -234,6 +236,7 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
     assert f"| a | 2.1000 2.3000 2.1000 2.3000 (seeds 0-3) | {sd:.4f} | gap_closed {sd / 2**0.5 / 1.0:.3f} |" in table
     harm = 100 * statistics.stdev([2.0, 2.04, 2.0, 2.04]) / 2**0.5 / 2.0
     assert f"| b | 2.0000 2.0400 2.0000 2.0400 (seeds 0-3) | 0.0231 | harm {harm:.2f}% |" in table
+    assert "| c | 1.2000 1.4000 (seeds 0-1) | 0.1414 | – |" in table
     assert "--per-mean must be >= 1" in refusal("seed_spread.py", paths[0], "--per-mean", "0")
 
     # --compare: each column's mean over all its seeds, against the first file's default (3.0) and oracle (2.0).
@@ -241,6 +244,7 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
     compared = run_script("seed_spread.py", paths[0], f"{paths[1]}:v", *compare).splitlines()
     assert "| a | +0.800 (4 seeds) | -1.767 (3 seeds) |" in compared  # w: 9.9, 2.1 and 2.3
     assert "| b | harm 1.00% (4 seeds) | harm 1.00% (2 seeds) |" in compared
+    assert "| c | score 1.3000 (2 seeds) | – |" in compared  # not counted below; w has no seed of c
     assert "| **gap_closed ≥ 0.9; median** | 0/1; median +0.800 | 0/1; median -1.767 |" in compared
     assert "a label of its own" in refusal("seed_spread.py", paths[0], "--label", "d", "--compare", f"d={paths[1]}")
 
