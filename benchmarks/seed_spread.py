@@ -33,11 +33,18 @@ def _entry(problem: dict, name: str) -> dict | None:
     return problem.get("methods", {}).get(name) or problem.get("variants", {}).get(name)
 
 
-def seed_scores(sources: list[tuple[dict, str]]) -> dict[str, dict[int, float]]:
-    """Per problem of the first file, the method's test score at every seed the files hold (a seed held twice keeps
-    its first score)."""
+def _baseline(problem: dict) -> tuple[float, float | None, bool]:
+    """A problem's default and oracle scores (the oracle may be missing), and whether higher is better."""
+    default = _entry(problem, "default")["fitness"]
+    oracle = (_entry(problem, "oracle") or {}).get("fitness")
+    return default, oracle, bool(problem.get("greater_is_better"))
+
+
+def seed_scores(sources: list[tuple[dict, str]], problems: list[str]) -> dict[str, dict[int, float]]:
+    """Per problem of `problems`, the method's test score at every seed the files hold, whichever file holds it (a
+    seed held twice keeps its first score)."""
     scores: dict[str, dict[int, float]] = {}
-    for name in sources[0][0]["problems"]:
+    for name in problems:
         scores[name] = {}
         for results, method in sources:
             entry = _entry(results["problems"].get(name, {}), method)
@@ -55,18 +62,16 @@ def spread_table(sources: list[tuple[dict, str]], per_mean: int = 3) -> str:
         f"| problem | score by seed | sd | sd of a mean over {per_mean} seeds |",
         "|---|---|---|---|",
     ]
-    for name, by_seed in seed_scores(sources).items():
+    for name, by_seed in seed_scores(sources, list(reference)).items():
         values = [by_seed[seed] for seed in sorted(by_seed)]
         if len(values) < 2:
             continue
         sd = statistics.stdev(values)
-        problem = reference[name]
-        default = _entry(problem, "default")["fitness"]
-        oracle = (_entry(problem, "oracle") or {}).get("fitness")
+        default, oracle, greater_is_better = _baseline(reference[name])
         sd_mean = sd / math.sqrt(per_mean)
-        if problem.get("do_no_harm"):
+        if reference[name].get("do_no_harm"):
             unit = f"harm {100 * sd_mean / abs(default):.2f}%"
-        elif gap_closed(default, oracle, oracle, bool(problem.get("greater_is_better"))) is None:
+        elif gap_closed(default, oracle, oracle, greater_is_better) is None:
             unit = "–"  # the oracle is no better than the start: no gap to measure in
         else:
             unit = f"gap_closed {sd_mean / abs(oracle - default):.3f}"
@@ -78,9 +83,7 @@ def spread_table(sources: list[tuple[dict, str]], per_mean: int = 3) -> str:
 def _gap_text(problem: dict, mean: float) -> tuple[str, float | None]:
     """A mean score in the bar's unit against `problem`'s default and oracle, as the suite scores it: (cell text,
     gap_closed or None)."""
-    default = _entry(problem, "default")["fitness"]
-    oracle = (_entry(problem, "oracle") or {}).get("fitness")
-    greater_is_better = bool(problem.get("greater_is_better"))
+    default, oracle, greater_is_better = _baseline(problem)
     if problem.get("do_no_harm"):
         return f"harm {100 * harm(default, mean, greater_is_better):.2f}%", None
     gap = gap_closed(default, mean, oracle, greater_is_better)
@@ -94,13 +97,13 @@ def pooled_table(columns: dict[str, list[tuple[dict, str]]]) -> str:
     seed its files hold (harm on the do-no-harm problem), against that file's default and oracle; then the count at
     gap_closed >= 0.9 and the median."""
     reference = next(iter(columns.values()))[0][0]["problems"]
-    scores = {label: seed_scores(sources) for label, sources in columns.items()}
+    scores = {label: seed_scores(sources, list(reference)) for label, sources in columns.items()}
     rows = ["| problem | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     gaps: dict[str, list[float]] = {label: [] for label in columns}
     for name, problem in reference.items():
         cells = []
         for label in columns:
-            by_seed = scores[label].get(name) or {}
+            by_seed = scores[label][name]
             if not by_seed:
                 cells.append("–")
                 continue

@@ -246,6 +246,9 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
     assert "| b | harm 1.00% (4 seeds) | harm 1.00% (2 seeds) |" in compared
     assert "| c | score 1.3000 (2 seeds) | – |" in compared  # not counted below; w has no seed of c
     assert "| **gap_closed ≥ 0.9; median** | 0/1; median +0.800 | 0/1; median -1.767 |" in compared
+    # A column's problems come from every file it names, not only its first (which here lacks c).
+    later = run_script("seed_spread.py", paths[0], "--compare", f"x={paths[1]}:v,{paths[0]}").splitlines()
+    assert "| c | score 1.3000 (2 seeds) | score 1.3000 (2 seeds) |" in later
     assert "a label of its own" in refusal("seed_spread.py", paths[0], "--label", "d", "--compare", f"d={paths[1]}")
 
 
