@@ -69,12 +69,14 @@ def spread_table(sources: list[tuple[dict, str]], per_mean: int = 3) -> str:
         sd = statistics.stdev(values)
         default, oracle, greater_is_better = _baseline(reference[name])
         sd_mean = sd / math.sqrt(per_mean)
+        # The suite's own measures of a score one such sd from the default (toward the oracle), so a problem with no
+        # gap to close, or a default of 0 for harm, reads "–" as it does there. Harm is asked as a loss: a magnitude.
         if reference[name].get("do_no_harm"):
-            unit = f"harm {100 * sd_mean / abs(default):.2f}%"
-        elif gap_closed(default, oracle, oracle, greater_is_better) is None:
-            unit = "–"  # the oracle is no better than the start: no gap to measure in
+            value, text = harm(default, default + sd_mean, False), "harm {:.2%}"
         else:
-            unit = f"gap_closed {sd_mean / abs(oracle - default):.3f}"
+            toward = math.copysign(sd_mean, (oracle if oracle is not None else default) - default)
+            value, text = gap_closed(default, default + toward, oracle, greater_is_better), "gap_closed {:.3f}"
+        unit = "–" if value is None else text.format(value)
         scores = " ".join(f"{value:.4f}" for value in values)
         rows.append(f"| {name} | {scores} (seeds {min(by_seed)}-{max(by_seed)}) | {sd:.4f} | {unit} |")
     return "\n".join(rows)
@@ -85,7 +87,8 @@ def _gap_text(problem: dict, mean: float) -> tuple[str, float | None]:
     gap_closed or None)."""
     default, oracle, greater_is_better = _baseline(problem)
     if problem.get("do_no_harm"):
-        return f"harm {100 * harm(default, mean, greater_is_better):.2f}%", None
+        value = harm(default, mean, greater_is_better)
+        return ("–" if value is None else f"harm {value:.2%}"), None
     gap = gap_closed(default, mean, oracle, greater_is_better)
     if gap is None:  # no gap to close: the score itself
         return f"score {mean:.4f}", None

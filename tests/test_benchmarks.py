@@ -218,6 +218,8 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
                                                   "clan": runs({0: 2.0, 1: 2.04})}},
             "c": {"do_no_harm": False, "methods": {"default": {"fitness": 1.0}, "oracle": {"fitness": 1.5},
                                                    "clan": runs({0: 1.2, 1: 1.4})}},  # the oracle is worse: no gap
+            "d": {"do_no_harm": True, "methods": {"default": {"fitness": 0.0}, "oracle": {"fitness": 0.0},
+                                                  "clan": runs({0: 0.1, 1: 0.3})}},  # no harm relative to 0
         }
     }  # fmt: skip
     second = {
@@ -237,6 +239,7 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
     harm = 100 * statistics.stdev([2.0, 2.04, 2.0, 2.04]) / 2**0.5 / 2.0
     assert f"| b | 2.0000 2.0400 2.0000 2.0400 (seeds 0-3) | 0.0231 | harm {harm:.2f}% |" in table
     assert "| c | 1.2000 1.4000 (seeds 0-1) | 0.1414 | – |" in table
+    assert "| d | 0.1000 0.3000 (seeds 0-1) | 0.1414 | – |" in table  # a default of 0: harm has no scale
     assert "--per-mean must be >= 1" in refusal("seed_spread.py", paths[0], "--per-mean", "0")
 
     # --compare: each column's mean over all its seeds, against the first file's default (3.0) and oracle (2.0).
@@ -245,6 +248,7 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
     assert "| a | +0.800 (4 seeds) | -1.767 (3 seeds) |" in compared  # w: 9.9, 2.1 and 2.3
     assert "| b | harm 1.00% (4 seeds) | harm 1.00% (2 seeds) |" in compared
     assert "| c | score 1.3000 (2 seeds) | – |" in compared  # not counted below; w has no seed of c
+    assert "| d | – (2 seeds) | – |" in compared
     assert "| **gap_closed ≥ 0.9; median** | 0/1; median +0.800 | 0/1; median -1.767 |" in compared
     # A column's problems come from every file it names, not only its first (which here lacks c).
     later = run_script("seed_spread.py", paths[0], "--compare", f"x={paths[1]}:v,{paths[0]}").splitlines()
