@@ -69,13 +69,13 @@ def spread_table(sources: list[tuple[dict, str]], per_mean: int = 3) -> str:
         sd = statistics.stdev(values)
         default, oracle, greater_is_better = _baseline(reference[name])
         sd_mean = sd / math.sqrt(per_mean)
-        # The suite's own measures of a score one such sd from the default (toward the oracle), so a problem with no
-        # gap to close, or a default of 0 for harm, reads "–" as it does there. Harm is asked as a loss: a magnitude.
+        # The suite's own measures of a score one such sd better than the default (gap_closed) or worse (harm), so a
+        # problem with no gap to close, or a default of 0 for harm, reads "–" as it does there.
+        better = sd_mean if greater_is_better else -sd_mean
         if reference[name].get("do_no_harm"):
-            value, text = harm(default, default + sd_mean, False), "harm {:.2%}"
+            value, text = harm(default, default - better, greater_is_better), "harm {:.2%}"
         else:
-            toward = math.copysign(sd_mean, (oracle if oracle is not None else default) - default)
-            value, text = gap_closed(default, default + toward, oracle, greater_is_better), "gap_closed {:.3f}"
+            value, text = gap_closed(default, default + better, oracle, greater_is_better), "gap_closed {:.3f}"
         unit = "–" if value is None else text.format(value)
         scores = " ".join(f"{value:.4f}" for value in values)
         rows.append(f"| {name} | {scores} (seeds {min(by_seed)}-{max(by_seed)}) | {sd:.4f} | {unit} |")
