@@ -59,9 +59,12 @@ run again at the stored quick run's settings changed 12 seeds of 36, most by und
 this run's default and oracle (taken from the reference only when it ran them at the same seeds), so an ablation can
 run only its variants: `--methods none --variants ... --reference bench_out/quick/results.json`, and one variant can be
 run again (or added) with the rest kept. A reference run at another `duty_cycle` serves a run that runs `clan` again on
-every problem it holds (nothing else trains at the suite's duty cycle); its variants are then left out. The problems
-`--problems` leaves out are kept as the reference holds them (it must have run at this run's seeds), so one problem can
-be run again after it changed: `--problems warmup_decay --reference bench_out/quick/results.json`.
+every problem it holds (nothing else trains at the suite's duty cycle); its variants are then left out. So does one run
+at another split of the same global batch into ranks (`--num-processes 8 --per-device-batch 4` against the quick
+suite's 4 x 8): its default and oracle train on one process at the global batch and still hold, while its clan, pbt,
+pbt_ray and variants are left out. The problems `--problems` leaves out are kept as the reference holds them (it must
+have run at this run's seeds), so one problem can be run again after it changed: `--problems warmup_decay --reference
+bench_out/quick/results.json`.
 
     pip install -e ".[bench-ray]"
     python benchmarks/schedule_suite.py --quick --out bench_out/quick      # 3 seeds, ~27 min on 2 CPU cores
@@ -744,6 +747,22 @@ def _run(
     return result
 
 
+def stale_methods(mismatched: list[str], stored: dict, settings: Settings) -> set[str]:
+    """The methods that a reference whose settings differ from `settings` in `mismatched` no longer holds, when the
+    rest of it still does (empty when nothing of it holds, or nothing differs). Only the clan trains at the suite's
+    duty cycle (pbt is the clan at 1.0). Another split of the same global batch into ranks changes every method that
+    trains on several (the clan, pbt, pbt_ray), not the one-process ones that train at the global batch (default,
+    oracle, schedule_free)."""
+    split = {"num_processes", "per_device_batch"}
+    if not mismatched or not set(mismatched) <= split | {"duty_cycle"}:
+        return set()
+    if not split.isdisjoint(mismatched):
+        if stored["num_processes"] * stored["per_device_batch"] != settings.global_batch:
+            return set()
+        return {"clan", "pbt", "pbt_ray"}
+    return {"clan"}
+
+
 def _children_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -1221,6 +1240,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of the methods.")
     parser.add_argument("--num-processes", type=int, default=None, help="Clan members / DDP workers P (default 4).")
     parser.add_argument(
+        "--per-device-batch",
+        type=int,
+        default=None,
+        help="Each member's (and each PBT trial's) batch (default 8); the default and the oracle train on P times it.",
+    )
+    parser.add_argument(
         "--seeds", default=None, help="Comma-separated seeds for clan, pbt and variants (default: 0; --quick: 0,1,2)."
     )
     parser.add_argument("--ray-seeds", default=None, help="Seeds for pbt_ray (default: the first of --seeds).")
@@ -1256,8 +1281,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"unknown problem or variant {unknown}; problems: {list(ALL_PROBLEMS)}; variants: {list(VARIANTS)}"
         )
     settings = Settings(**SUITES[suite], cache_dir=os.path.join(args.out, "runs", "cache"))
-    if args.num_processes is not None:
-        settings = dataclasses.replace(settings, num_processes=args.num_processes)
+    for field, least in (("num_processes", 2), ("per_device_batch", 1)):  # a clan has two members or more
+        value = getattr(args, field)
+        if value is not None and value < least:
+            parser.error(f"--{field.replace('_', '-')} must be at least {least}, got {value}.")
+        if value is not None:
+            settings = dataclasses.replace(settings, **{field: value})
     problems = [ALL_PROBLEMS[name] for name in names]
     methods = [m for m in METHODS if m in args.methods.split(",")]
     reference, kept, kept_ray = {}, [], []
@@ -1269,17 +1298,25 @@ def main(argv: list[str] | None = None) -> dict:
         # The problems --problems leaves out are kept as the reference holds them, so one problem can be run again
         # (after it changed) with the rest of a stored suite kept; the table header then names this run's seeds.
         kept = [name for name in reference["problems"] if name not in names]
-        if mismatched == ["duty_cycle"] and "clan" in methods and not kept:
-            # Only the clan and its variants train at the suite's duty cycle (pbt is the clan at 1.0): with the clan
-            # run again on every problem, the reference's other methods still hold, and its variants go.
+        stale = stale_methods(mismatched, reference["settings"], settings)
+        if stale and "clan" in methods and not kept:
+            # With the clan run again on every problem, the reference's methods that these settings leave alone
+            # still hold; the others, and its variants, go.
             reference = {
                 **reference,
                 "variants": {},
-                "problems": {name: {**held, "variants": {}} for name, held in reference["problems"].items()},
+                "problems": {
+                    name: {
+                        **held,
+                        "methods": {m: r for m, r in held.get("methods", {}).items() if m not in stale},
+                        "variants": {},
+                    }
+                    for name, held in reference["problems"].items()
+                },
             }
             mismatched = []
         if mismatched:
-            hint = " (or run clan again on every problem it holds)" if mismatched == ["duty_cycle"] else ""
+            hint = " (or run clan again on every problem it holds)" if stale else ""
             parser.error(
                 f"--reference was run with other settings ({', '.join(mismatched)}); use one of this suite{hint}."
             )

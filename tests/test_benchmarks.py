@@ -483,7 +483,9 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     assert "keeps lm_lr_low as it ran" in stderr, stderr
 
     # A reference at another duty cycle: only the clan and its variants depend on it, so it serves a run of the clan
-    # (its variants left out) and nothing else.
+    # (its variants left out) and nothing else; its pbt (a stand-in here) runs at duty cycle 1.0 and still holds.
+    for name in problems.split(","):
+        merged["problems"][name]["methods"]["pbt"] = merged["problems"][name]["methods"]["default"]
     other_duty = dict(merged, settings={**merged["settings"], "duty_cycle": merged["settings"]["duty_cycle"] + 0.1})
     with open(tmp_path / "other_duty.json", "w") as f:
         json.dump(other_duty, f)
@@ -494,16 +496,33 @@ def test_schedule_suite_reference_and_inapplicable_variants(tmp_path):
     stderr = refusal("schedule_suite.py", "--tiny", "--problems", "lm_lr_low", "--methods", "clan",
                      "--reference", str(tmp_path / "other_duty.json"), "--out", str(bad))  # fmt: skip
     assert "other settings (duty_cycle)" in stderr and "every problem it holds" in stderr, stderr
-    rerun_clan = tmp_path / "rerun_clan"
-    run_script("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "clan",
-               "--reference", str(tmp_path / "other_duty.json"), "--out", str(rerun_clan))  # fmt: skip
-    with open(rerun_clan / "results.json") as f:
-        clan_again = json.load(f)
-    assert clan_again["variants"] == {}
-    for name in problems.split(","):
-        assert list(clan_again["problems"][name]["methods"]) == ["default", "clan", "oracle"]
-        assert clan_again["problems"][name]["variants"] == {}
-        assert clan_again["problems"][name]["methods"]["clan"]["status"] == "ok"
+    # A reference at another split of the same global batch into ranks: its one-process methods (default, oracle)
+    # still hold, its multi-rank ones (pbt) go with its variants. One at another global batch holds nothing.
+    tiny = merged["settings"]
+    split = {"num_processes": 2 * tiny["num_processes"], "per_device_batch": tiny["per_device_batch"] // 2}
+    with open(tmp_path / "other_split.json", "w") as f:
+        json.dump(dict(merged, settings={**tiny, **split}), f)
+    with open(tmp_path / "other_batch.json", "w") as f:
+        json.dump(dict(merged, settings={**tiny, "num_processes": 2 * tiny["num_processes"]}), f)
+    stderr = refusal("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "clan",
+                     "--reference", str(tmp_path / "other_batch.json"), "--out", str(bad))  # fmt: skip
+    assert "other settings (num_processes)" in stderr and "every problem" not in stderr, stderr
+    stderr = refusal("schedule_suite.py", "--tiny", "--problems", problems, "--per-device-batch", "0",
+                     "--out", str(bad))  # fmt: skip
+    assert "--per-device-batch must be at least 1" in stderr, stderr
+    for other in ("other_duty", "other_split"):
+        rerun_clan = tmp_path / f"rerun_clan_{other}"
+        run_script("schedule_suite.py", "--tiny", "--problems", problems, "--methods", "clan",
+                   "--reference", str(tmp_path / f"{other}.json"), "--out", str(rerun_clan))  # fmt: skip
+        with open(rerun_clan / "results.json") as f:
+            clan_again = json.load(f)
+        assert clan_again["variants"] == {}
+        assert clan_again["settings"]["num_processes"] == tiny["num_processes"]
+        for name in problems.split(","):
+            held = ["default", "clan", "pbt", "oracle"] if other == "other_duty" else ["default", "clan", "oracle"]
+            assert list(clan_again["problems"][name]["methods"]) == held, other
+            assert clan_again["problems"][name]["variants"] == {}
+            assert clan_again["problems"][name]["methods"]["clan"]["status"] == "ok"
 
 
 def test_ranking_horizon_tiny(tmp_path):
