@@ -757,7 +757,7 @@ def stale_methods(mismatched: list[str], stored: dict, settings: Settings) -> se
     if not mismatched or not set(mismatched) <= split | {"duty_cycle"}:
         return set()
     if not split.isdisjoint(mismatched):
-        if stored["num_processes"] * stored["per_device_batch"] != settings.global_batch:
+        if dataclasses.replace(settings, **{k: stored[k] for k in split}).global_batch != settings.global_batch:
             return set()
         return {"clan", "pbt", "pbt_ray"}
     return {"clan"}
@@ -1302,18 +1302,11 @@ def main(argv: list[str] | None = None) -> dict:
         if stale and "clan" in methods and not kept:
             # With the clan run again on every problem, the reference's methods that these settings leave alone
             # still hold; the others, and its variants, go.
-            reference = {
-                **reference,
-                "variants": {},
-                "problems": {
-                    name: {
-                        **held,
-                        "methods": {m: r for m, r in held.get("methods", {}).items() if m not in stale},
-                        "variants": {},
-                    }
-                    for name, held in reference["problems"].items()
-                },
-            }
+            held_now = {}
+            for name, held in reference["problems"].items():
+                methods_held = {m: r for m, r in held.get("methods", {}).items() if m not in stale}
+                held_now[name] = {**held, "methods": methods_held, "variants": {}}
+            reference = {**reference, "variants": {}, "problems": held_now}
             mismatched = []
         if mismatched:
             hint = " (or run clan again on every problem it holds)" if stale else ""
