@@ -172,6 +172,8 @@ VARIANTS: dict[str, dict] = {
     "duty_0.5": {"duty_cycle": 0.5},
     "duty_0.8": {"duty_cycle": 0.8},
     "spread_half": {"initial_spread_width": 0.5},
+    # The narrower spread with a solo radius to match: members more than ~3x from the best still train alone.
+    "spread_half_solo": {"initial_spread_width": 0.5, "solo_radius": 0.125},
     "solo_0.15": {"solo_radius": 0.15},
     "solo_0.08": {"solo_radius": 0.08},
     # Cloning gated on a paired test over the eval batches.
