@@ -1285,10 +1285,11 @@ def main(argv: list[str] | None = None) -> dict:
     settings = Settings(**SUITES[suite], cache_dir=os.path.join(args.out, "runs", "cache"))
     for field, least in (("num_processes", 2), ("per_device_batch", 1)):  # a clan has two members or more
         value = getattr(args, field)
-        if value is not None and value < least:
+        if value is None:
+            continue
+        if value < least:
             parser.error(f"--{field.replace('_', '-')} must be at least {least}, got {value}.")
-        if value is not None:
-            settings = dataclasses.replace(settings, **{field: value})
+        settings = dataclasses.replace(settings, **{field: value})
     problems = [ALL_PROBLEMS[name] for name in names]
     methods = [m for m in METHODS if m in args.methods.split(",")]
     reference, kept, kept_ray = {}, [], []
