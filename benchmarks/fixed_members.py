@@ -28,6 +28,7 @@ import os
 from schedule_suite import ALL_PROBLEMS, SUITES, Settings, _run, problem_settings
 
 import clantune_hf
+from clantune_hf.rounds import copy_members, record_round
 
 
 class FixedMembersTrainer(clantune_hf.ClanTrainer):
@@ -45,9 +46,9 @@ class FixedMembersTrainer(clantune_hf.ClanTrainer):
             genome["learning_rate"].value = rate
 
     def _end_round(self) -> None:
-        self._record_round(self._gather_fitness(), {})
+        record_round(self, self._gather_fitness(), {})
         if self.resync:
-            self._copy_members({dst: 0 for dst in range(1, self.clan_size)})
+            copy_members(self, {dst: 0 for dst in range(1, self.clan_size)})
         self._expressed_phase = None
 
 

@@ -16,7 +16,7 @@ Members sharded over 2 ranks each (`ranks_per_member=2`) are measured on 4 ranks
 
 Each step is timed on rank 0 by a callback; the round's fitness evaluation and selection/exchange are timed by a
 `ClanTrainer` subclass here (the package itself carries no timers) and subtracted from the step they end. Bytes per
-exchange are counted by wrapping the trainer's `send_member`, and every rank's peak resident memory is read at the
+exchange are counted by wrapping rounds.py's `send_member`, and every rank's peak resident memory is read at the
 end of its run. A run's step time is the median step of its least disturbed repeat: on a shared machine other jobs
 slow whole repeats down (every repeat's median is in the JSON).
 
@@ -46,7 +46,7 @@ import time
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-import clantune_hf.clan_trainer as clan_trainer_module
+import clantune_hf.rounds as rounds_module
 from clantune_hf import ClanConfig, ClanTrainer
 from clantune_hf.exchange import all_gather_floats
 
@@ -142,13 +142,13 @@ class TimedClanTrainer(ClanTrainer):
 def run_job(run: str, settings: dict, job_dir: str) -> None:
     """One run on every rank of a launch; rank 0 writes its timings to job_dir/timing.json."""
     sent: list[int] = []
-    send_member = clan_trainer_module.send_member
+    send_member = rounds_module.send_member
 
     def counting_send_member(model, optimizer, dst, extra=()):
         sent.append(send_member(model, optimizer, dst, extra))
         return sent[-1]
 
-    clan_trainer_module.send_member = counting_send_member
+    rounds_module.send_member = counting_send_member
 
     table = markov_table(0)
     seq_len = settings["seq_len"]

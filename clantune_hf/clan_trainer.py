@@ -4,7 +4,6 @@ import contextlib
 import itertools
 import math
 import os
-import statistics
 import sys
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, PredictionOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, PredictionOutput
 from transformers.utils import logging
 
 from .accumulation import GENE as ACCUMULATION
@@ -36,47 +35,29 @@ from .dropout import mean_dropout
 from .evaluation import evaluate_clan
 from .exchange import (
     agree_on_count,
-    all_gather_floats,
     average_finite_gradients,
     broadcast_batches,
-    broadcast_weights,
     comm_device,
     gather_weights,
     leave_together_at_exit,
-    recv_member,
-    send_member,
 )
 from .expression import check_expressible, custom_expressions, decay_groups, express, with_cooldown
-from .fitness import WeightAverage, fitness_dataloader, member_fitness
+from .fitness import WeightAverage, check_fitness_metric, fitness_dataloader, is_paired, member_fitness
 from .genes import OPTIMIZER, build_gene, describe_expressions, is_custom
 from .genetics import (
     Genome,
     Search,
-    adapt_scales,
-    checksum,
     consensus,
-    copy_genome,
-    genome_values,
-    hold_the_best,
     initial_clan,
-    make_rng,
-    rank_members,
-    reproduce,
-    selection_plan,
     soloists,
 )
 from .history import (
-    build_schedule,
-    last_fitness,
-    last_plan,
     latest_best,
-    member_prefix,
-    round_records,
     write_history,
-    write_schedule,
 )
 from .members import Sharing, local, member_grad_norm, member_layout, shard_member
-from .model_card import model_card_body
+from .model_card import write_model_card
+from .rounds import RoundCallback, end_round, final_round, gather_fitness
 
 logger = logging.get_logger(__name__)
 
@@ -236,7 +217,7 @@ class ClanTrainer(Trainer):
         self._average_steps = round(args.fitness_average_window * args.round_steps)
         self._saved_member = 0  # whose weights `_save` writes: the best member's while a checkpoint is saved
         # First in line, so the final round is logged before other callbacks' on_train_end close their writers.
-        self.callback_handler.callbacks.insert(0, _RoundCallback(self))
+        self.callback_handler.callbacks.insert(0, RoundCallback(self))
         use_clan_console(self)
         leave_together_at_exit(self.layout.member_group, self.layout.peer_group)
 
@@ -524,7 +505,7 @@ class ClanTrainer(Trainer):
             if self.args.should_save:
                 write_history(self.args.output_dir, [])
         if self.fitness_metric:
-            self._check_fitness_metric()
+            check_fitness_metric(self)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
@@ -617,153 +598,24 @@ class ClanTrainer(Trainer):
             )
         return checkpoint
 
-    # ---- Rounds ----
-
-    def _round_index(self) -> int:
-        return (self.state.global_step - 1) // self.args.round_steps
-
-    @property
-    def _paired(self) -> bool:
-        """Whether selection compares members batch by batch (`selection_confidence`, `hold_confidence`), so each
-        member keeps its fitness per eval batch."""
-        return self.args.selection_confidence > 0 or self.args.hold_confidence > 0
-
-    def _in_warmup(self, step: int) -> bool:
-        """Whether `step` is inside the scheduler's warmup, where every member's rate is still scaled down, so a
-        ranking says little about the rate genes yet. Decided from the step and the config, the same on every rank."""
-        return step <= self.args.get_warmup_steps(self.state.max_steps)
-
-    def _ranks_only(self, step: int) -> bool:
-        """Whether the round ending at `step` ranks without cloning (`select_in_warmup=False`, inside the warmup)."""
-        return not self.args.select_in_warmup and self._in_warmup(step)
+    # ---- Rounds (rounds.py) ----
+    # The seams the fault-injection tests and the overhead benchmark override.
 
     def _end_round(self) -> None:
-        """Fitness, selection, cloning and mutation, at the last step of every round but the final one."""
-        fitness = self._gather_fitness()
-        if self.search.step_size_control == "success":
-            self.genomes = adapt_scales(self.genomes, last_plan(self.clan_history), fitness, self.greater_is_better)
-        args, rank_only = self.args, self._ranks_only(self.state.global_step)
-        # A collective: every rank takes this branch alike (config and step); a rank-only round has no use for it.
-        batch_scores = self._gather_fitness_batches() if self._paired and not rank_only else None
-        plan = selection_plan(
-            fitness,
-            self.greater_is_better,
-            args.selection_fraction,
-            make_rng(args.seed, "select", self._round_index()),
-            batch_scores=batch_scores,
-            confidence=args.selection_confidence,
-            rank_only=rank_only,
-        )
-        copies = {}
-        # Not inside the warmup: there the largest rate genes look best, and copies of one would leave the clan
-        # nothing else when the warmup ends and that rate turns out too large.
-        if args.hold_confidence > 0 and not self._in_warmup(self.state.global_step):
-            previous = last_fitness(self.clan_history)
-            plan, copies = hold_the_best(
-                self.genomes, fitness, previous, batch_scores, plan, self.greater_is_better, args.hold_confidence
-            )
-        self._record_round(fitness, plan | copies)
-        self._copy_members(plan | copies)
-        children = reproduce(self.genomes, plan, args.seed, self._round_index(), self.search)
-        self.genomes = [copy_genome(self.genomes[copies[m]]) if m in copies else g for m, g in enumerate(children)]
-        self._expressed_phase = None
-        self._diverged = False
-
-    def _copy_members(self, plan: dict[int, int]) -> None:
-        """Overwrite each member `dst` of a {dst: src} plan with member `src`'s weights and optimizer state."""
-        for dst, src in sorted(plan.items()):
-            # Only the two ranks of a pair take part; every rank walks the same plan in the same order.
-            # A fitness EMA is the member's own history, so the clone takes its source's. Both ranks hold one (every
-            # member folds in every step); a window's average is empty between rounds and sends nothing.
-            ema = (self._average.mean or []) if self.args.fitness_ema_steps else []
-            if self.member == src:
-                send_member(self.model, self.optimizer, self.layout.rank_of(dst), ema)
-            elif self.member == dst:
-                recv_member(self.model, self.optimizer, self.layout.rank_of(src), ema)
+        end_round(self)
 
     def _final_round(self) -> None:
-        """The final evaluation: record it, then every rank takes the best member's weights and genes."""
-        fitness = self._gather_fitness(averaged=False)  # the weights as they are: what the user gets
-        self._record_round(fitness, {})
-        best = rank_members(fitness, self.greater_is_better)[0]
-        broadcast_weights(self.model, self.layout.rank_of(best), self.layout.peer_group)
-        self.genomes = [copy_genome(self.genomes[best]) for _ in range(self.clan_size)]
-        self._expressed_phase = None
-        self._express(competitive=True, window=False)  # the best member's genes as they are, for what follows
-        self.label_smoother = self._user_label_smoother
-        self.clan_schedule = build_schedule(
-            self.clan_history,
-            self.args.round_steps,
-            self.state.global_step,
-            self.greater_is_better,
-            base={
-                "learning_rate": self.args.learning_rate,
-                "lr_scheduler_type": str(self.args.lr_scheduler_type.value),
-                "warmup_steps": self.args.get_warmup_steps(self.state.max_steps),
-                "cooldown_fraction": self.args.cooldown_fraction,
-                "genes": genome_values(self.base_genome),
-                # A replay applies the user's own genes itself when their expression is an attribute path.
-                "expressions": {
-                    name: expression.how if isinstance(expression.how, str) else None
-                    for name, expression in self._custom.items()
-                },
-                "integers": sorted(name for name, gene in self.base_genome.items() if gene.integer),
-            },
-        )
-        if self.args.should_save:
-            write_schedule(self.args.output_dir, self.clan_schedule)
+        final_round(self)
 
     def _gather_fitness(self, averaged: bool = True) -> list[float]:
-        """Every member's fitness, on every rank. `averaged`: at the fitness weight average (the round's last
-        weights' mean, or the EMA), if any."""
-        self._fitness_batches = None
-        with self._average.swapped_in(self.model) if averaged else contextlib.nullcontext():
-            own = math.nan if self._diverged else self._member_fitness()
-        if not self.args.fitness_ema_steps:
-            self._average.reset()  # a window's average starts afresh each round; an EMA goes on
-        return self.layout.per_member(all_gather_floats(own))
+        return gather_fitness(self, averaged)
 
-    def _gather_fitness_batches(self) -> list[list[float] | None]:
-        """Every member's last fitness per eval batch (None for a member that has none), on every rank."""
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, self._fitness_batches)
-        return self.layout.per_member(every)
-
-    def _record_round(self, fitness: list[float], plan: dict[int, int]) -> None:
-        """Check that every rank agrees, append the round to the history, and log its scalars."""
-        sums = all_gather_floats(float(checksum(self.genomes, plan)))
-        if len(set(sums)) != 1:
-            raise RuntimeError(
-                f"Clan members disagree on the genomes or selection plan (checksum per rank: {sums}); every rank "
-                "must run the same ClanConfig, seed and package versions."
-            )
-        round_index = self._round_index()
-        if self.clan_history and self.clan_history[-1]["round"] >= round_index:
-            round_index = self.clan_history[-1]["round"] + 1
-        self.clan_history.extend(round_records(round_index, self.state.global_step, fitness, self.genomes, plan))
-        if self.args.should_save:
-            write_history(self.args.output_dir, self.clan_history)
-
-        finite = [f for f in fitness if math.isfinite(f)]
-        best = rank_members(fitness, self.greater_is_better)[0]
-        logs = {
-            "clan/round": round_index,
-            "clan/fitness_min": min(finite, default=math.nan),
-            "clan/fitness_median": statistics.median(finite) if finite else math.nan,
-            "clan/fitness_max": max(finite, default=math.nan),
-            "clan/best_member": best,
-            "clan/replaced": len(plan),
-        }
-        logs.update({f"clan/best_{name}": value for name, value in genome_values(self.genomes[best]).items()})
-        # Every member's fitness and the genes it earned it with; `cloned_from` appears only in rounds that
-        # replaced the member, so each point on that chart is a clone event.
-        for member, genome in enumerate(self.genomes):
-            prefix = member_prefix(member, self.clan_size)
-            logs[f"{prefix}/fitness"] = fitness[member]
-            logs.update({f"{prefix}/{name}": value for name, value in genome_values(genome).items()})
-            if member in plan:
-                logs[f"{prefix}/cloned_from"] = plan[member]
-        self.log(logs)
+    def _member_fitness(self, batches: int | None = None) -> float:
+        """This member's own fitness (see fitness.py), keeping its score per eval batch when selection is paired."""
+        if self._fitness_loader is None:
+            self._fitness_loader = fitness_dataloader(self)
+        fitness, self._fitness_batches = member_fitness(self, self._fitness_loader, batches, per_batch=is_paired(self))
+        return fitness
 
     # ---- Evaluation ----
 
@@ -797,41 +649,6 @@ class ClanTrainer(Trainer):
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics)
         return PredictionOutput(predictions=best.predictions, label_ids=best.label_ids, metrics=metrics)
 
-    # ---- Fitness ----
-
-    def _average_step(self) -> None:
-        """After an optimizer step: fold the weights into the fitness EMA, or into the window's average if the step
-        is in the round's tail."""
-        if self.args.fitness_ema_steps:
-            self._average.update(self.model)
-            return
-        window = self._average_steps
-        if window and (self.state.global_step - 1) % self.args.round_steps >= self.args.round_steps - window:
-            self._average.update(self.model)
-
-    def _member_fitness(self, batches: int | None = None) -> float:
-        if self._fitness_loader is None:
-            self._fitness_loader = fitness_dataloader(self)
-        fitness, self._fitness_batches = member_fitness(self, self._fitness_loader, batches, per_batch=self._paired)
-        return fitness
-
-    def _check_fitness_metric(self) -> None:
-        """Fail before training, not after the first round, if compute_metrics does not produce
-        `metric_for_best_model`: try it on one eval batch."""
-        compute_metrics = self.compute_metrics
-
-        def probe(prediction: EvalPrediction) -> dict:
-            try:
-                return compute_metrics(prediction)
-            except Exception:  # too little data for this metric (e.g. AUC on one class): the first round will tell
-                return {self.fitness_metric.removeprefix("eval_"): math.nan}
-
-        self.compute_metrics = probe
-        try:
-            self._member_fitness(batches=1)
-        finally:
-            self.compute_metrics = compute_metrics
-
     # ---- Model card ----
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -855,30 +672,17 @@ class ClanTrainer(Trainer):
     ) -> None:
         """Write `README.md` in `output_dir` (default `args.output_dir`): a model card saying the model is the best
         member of a clan, with the clan's settings and the discovered schedule as a table. No network access."""
-        if not self.is_world_process_zero():
-            return
-        from huggingface_hub import ModelCard, ModelCardData
-
-        output_dir = self.args.output_dir if output_dir is None else output_dir
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        is_peft = hasattr(unwrapped, "peft_config")
-        if finetuned_from is None:
-            name = getattr(getattr(unwrapped, "config", None), "_name_or_path", "")
-            finetuned_from = name if name and not os.path.isdir(name) else None
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        tags += [tag for tag in self._tag_names if tag not in tags]
-        card_data = ModelCardData(
-            language=language,
-            license=license,
-            library_name="peft" if is_peft else "transformers",
-            base_model=finetuned_from,
-            datasets=[dataset_tags] if isinstance(dataset_tags, str) else dataset_tags,
-            tags=tags,
-            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
-        )
-        body = model_card_body(self, card_data.model_name, finetuned_from, is_peft)
-        os.makedirs(output_dir, exist_ok=True)
-        ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
+        if self.is_world_process_zero():
+            write_model_card(
+                self,
+                self.args.output_dir if output_dir is None else output_dir,
+                language=language,
+                license=license,
+                tags=tags,
+                model_name=model_name,
+                finetuned_from=finetuned_from,
+                dataset_tags=dataset_tags,
+            )
 
 
 def _share_bucket(sharing: Sharing, bucket):  # no annotations: DDP compares them to its own types, not strings
@@ -903,27 +707,3 @@ def _rng_restored(state: dict):
         if "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"])
         yield
-
-
-class _RoundCallback(TrainerCallback):
-    """Ends a round after its last optimizer step, before the Trainer logs or saves that step, and runs the final
-    evaluation when training ends."""
-
-    def __init__(self, trainer: ClanTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # ClanConfig checks `max_steps`; a run set by epochs knows its length only now.
-        if args.round_steps > state.max_steps:
-            raise ValueError(
-                f"`round_steps` ({args.round_steps}) is larger than the run's {state.max_steps} optimizer steps: no "
-                "round would finish. Lower round_steps or train longer."
-            )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._average_step()
-        if state.global_step % args.round_steps == 0 and state.global_step < state.max_steps:
-            self.trainer._end_round()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._final_round()

@@ -1,5 +1,5 @@
 """A member's fitness: its own unsharded pass over the eval set (see evaluation.py), optionally at the average of its
-recent weights. The trainer gathers the P numbers itself afterwards.
+recent weights. rounds.py gathers the P numbers afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers.trainer_utils import EvalPrediction
 
 from .evaluation import evaluate_member, unsharded_dataloader
 
@@ -42,6 +43,41 @@ def member_fitness(
     if per_batch:
         scores = [float(batch.get(key, math.nan)) for batch in evaluation.batches]
     return float(evaluation.metrics.get(key, math.nan)), scores
+
+
+def is_paired(trainer: ClanTrainer) -> bool:
+    """Whether selection compares members batch by batch (`selection_confidence`, `hold_confidence`), so each
+    member keeps its fitness per eval batch."""
+    return trainer.args.selection_confidence > 0 or trainer.args.hold_confidence > 0
+
+
+def check_fitness_metric(trainer: ClanTrainer) -> None:
+    """Fail before training, not after the first round, if compute_metrics does not produce `metric_for_best_model`:
+    try it on one eval batch."""
+    compute_metrics = trainer.compute_metrics
+
+    def probe(prediction: EvalPrediction) -> dict:
+        try:
+            return compute_metrics(prediction)
+        except Exception:  # too little data for this metric (e.g. AUC on one class): the first round will tell
+            return {trainer.fitness_metric.removeprefix("eval_"): math.nan}
+
+    trainer.compute_metrics = probe
+    try:
+        trainer._member_fitness(batches=1)
+    finally:
+        trainer.compute_metrics = compute_metrics
+
+
+def average_step(trainer: ClanTrainer) -> None:
+    """After an optimizer step: fold the weights into the fitness EMA, or into the round's averaged tail if the step
+    is in it."""
+    if trainer.args.fitness_ema_steps:
+        trainer._average.update(trainer.model)
+        return
+    window, round_steps = trainer._average_steps, trainer.args.round_steps
+    if window and (trainer.state.global_step - 1) % round_steps >= round_steps - window:
+        trainer._average.update(trainer.model)
 
 
 class WeightAverage:

@@ -5,14 +5,51 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
 
 from .genetics import replaced_count
+from .rounds import ranks_only
 
 if TYPE_CHECKING:
     from .clan_trainer import ClanTrainer
+
+
+def write_model_card(
+    trainer: ClanTrainer,
+    output_dir: str,
+    language: str | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    dataset_tags: str | list[str] | None = None,
+) -> None:
+    """Write `output_dir/README.md`: the Hub metadata (the base model read from the model's config when not given)
+    and the card's body."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    is_peft = hasattr(unwrapped, "peft_config")
+    if finetuned_from is None:
+        name = getattr(getattr(unwrapped, "config", None), "_name_or_path", "")
+        finetuned_from = name if name and not os.path.isdir(name) else None
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    tags += [tag for tag in trainer._tag_names if tag not in tags]
+    card_data = ModelCardData(
+        language=language,
+        license=license,
+        library_name="peft" if is_peft else "transformers",
+        base_model=finetuned_from,
+        datasets=[dataset_tags] if isinstance(dataset_tags, str) else dataset_tags,
+        tags=tags,
+        model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+    )
+    body = model_card_body(trainer, card_data.model_name, finetuned_from, is_peft)
+    os.makedirs(output_dir, exist_ok=True)
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
 
 
 def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str | None, is_peft: bool) -> str:
@@ -38,7 +75,7 @@ def model_card_body(trainer: ClanTrainer, model_name: str, finetuned_from: str |
             " confidence became its exact copy (one at a time), and in one that did not, the copy explored again"
             " (`hold_confidence`)"
         )
-    if trainer._ranks_only(args.round_steps):  # the first round ended inside the warmup
+    if ranks_only(trainer, args.round_steps):  # the first round ended inside the warmup
         warmup = args.get_warmup_steps(trainer.state.max_steps)
         gate += (
             f" (rounds that ended inside the {warmup}-step learning-rate warmup ranked without cloning,"

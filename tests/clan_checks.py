@@ -21,6 +21,7 @@ from clantune_hf.dropout import dropout_sites
 from clantune_hf.exchange import member_tensors
 from clantune_hf.genetics import genome_values, make_rng, mutate
 from clantune_hf.model_card import model_card_body
+from clantune_hf.rounds import round_index as current_round
 
 
 def gather(obj):
@@ -307,12 +308,12 @@ class ScriptedFitnessTrainer(ClanTrainer):
     state and genomes around each round's exchange and stops after round 2."""
 
     def _member_fitness(self):
-        value = {0: 1.0, 1: 0.9}.get(self._round_index(), 1.5) + self.member
+        value = {0: 1.0, 1: 0.9}.get(current_round(self), 1.5) + self.member
         self._fitness_batches = [value + d for d in (0.01, -0.01, 0.02, -0.02)]
         return value
 
     def _end_round(self):
-        round_index, before, genomes = self._round_index(), member_state(self), [dict(g) for g in self.genomes]
+        round_index, before, genomes = current_round(self), member_state(self), [dict(g) for g in self.genomes]
         super()._end_round()
         self.rounds = getattr(self, "rounds", {})
         self.rounds[round_index] = (before, member_state(self), genomes, [dict(g) for g in self.genomes])

@@ -256,6 +256,55 @@ def test_seed_spread_merges_seed_files_and_scales_the_sd_of_a_mean(tmp_path):
     assert "a label of its own" in refusal("seed_spread.py", paths[0], "--label", "d", "--compare", f"d={paths[1]}")
 
 
+def test_best_of_keeps_comparable_runs_and_ranks_them_in_the_bars_unit(tmp_path):
+    """best_of.py on made-up files: a configuration counts on a problem only with every asked seed, the problem as
+    the reference defines it and the reference's clan size; each problem's best is the largest gap_closed (the least
+    harm on the do-no-harm problem), and configurations are ranked by the problems they bring to 0.9."""
+
+    def runs(scores: dict[int, float]) -> dict:
+        return {"per_seed": {str(seed): {"fitness": value} for seed, value in scores.items()}}
+
+    settings = {"num_processes": 4, "per_device_batch": 8, "steps": 300}
+    problem = {"mis_set": "lr low", "start": {"learning_rate": 1e-3}, "genes": ["learning_rate"], "steps": 300}
+    reference = {
+        "settings": settings,
+        "problems": {
+            "a": problem | {"methods": {"default": {"fitness": 3.0}, "oracle": {"fitness": 2.0},
+                                        "clan": runs({0: 2.2, 1: 2.4})}},
+            "b": problem | {"mis_set": "lr high", "methods": {"default": {"fitness": 1.0}, "oracle": {"fitness": 0.0},
+                                                              "clan": runs({0: 0.5, 1: 0.5})}},
+            "h": problem | {"do_no_harm": True, "methods": {"default": {"fitness": 2.0}, "oracle": {"fitness": 2.0},
+                                                            "clan": runs({0: 2.04, 1: 2.04})}},
+        },
+    }  # fmt: skip
+    high, no_harm = problem | {"mis_set": "lr high"}, problem | {"do_no_harm": True}
+    variants = {
+        "settings": settings,
+        "problems": {
+            # v: 0.95 on a and 0.05 on b; w reaches 0.99 on a but has only seed 0 there.
+            "a": problem | {"variants": {"v": runs({0: 2.0, 1: 2.1}), "w": runs({0: 2.01})}},
+            "b": high | {"variants": {"v": runs({0: 0.9, 1: 1.0}), "w": runs({0: 0.0, 1: 0.1})}},
+            "h": no_harm | {"variants": {"v": runs({0: 2.02, 1: 2.02}), "w": runs({0: 2.2, 1: 2.2})}},
+        },
+    }
+    best_at_a = {"variants": {"p8": runs({0: 2.0, 1: 2.0})}}
+    other_size = {"settings": settings | {"num_processes": 8}, "problems": {"a": problem | best_at_a}}
+    other_problem = {"settings": settings, "problems": {"a": problem | {"start": {"learning_rate": 1.0}} | best_at_a}}
+    paths = []
+    for name, results in (("ref", reference), ("var", variants), ("p8", other_size), ("other", other_problem)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(results, f)
+    table = run_script("best_of.py", *paths, "--seeds", "0,1").splitlines()
+    ref, var = paths[0], paths[1]
+    assert f"| a | +0.950 | `{var}:v` | 2 |" in table  # not w (one seed), nor p8 at 8 members or at another start
+    assert f"| b | +0.950 | `{var}:w` | 3 |" in table
+    assert f"| h | harm 1.00% | `{var}:v` | 3 |" in table
+    assert "| **problems some configuration brings to gap_closed ≥ 0.9** | 2/2 | | |" in table
+    assert "| configuration (of 2 that ran every problem) | gap_closed ≥ 0.9 |" in table  # w lacks a
+    assert table[-2:] == [f"| `{var}:v` | 1/2 |", f"| `{ref}:clan` | 0/2 |"]
+
+
 def test_every_problem_builds_and_trains_a_step(tmp_path):
     """Every problem, the held-out ones and those the tiny run above skips included: its data, model and (for
     fine-tuning) pretrained start build, and the model takes a finite loss on its data with every model setting of

@@ -78,16 +78,16 @@ def tiny_bert_classifier() -> BertForSequenceClassification:
 
 def count_clone_bytes() -> list[int]:
     """From now on in this (forked) rank's process, each clone it sends appends its bytes to the list returned."""
-    import clantune_hf.clan_trainer
+    import clantune_hf.rounds
 
     sent = []
-    send_member = clantune_hf.clan_trainer.send_member
+    send_member = clantune_hf.rounds.send_member
 
     def counting_send_member(model, optimizer, dst, extra=()):
         sent.append(send_member(model, optimizer, dst, extra))
         return sent[-1]
 
-    clantune_hf.clan_trainer.send_member = counting_send_member
+    clantune_hf.rounds.send_member = counting_send_member
     return sent
 
 
