@@ -44,17 +44,8 @@ from .exchange import (
 from .expression import check_expressible, custom_expressions, decay_groups, express, with_cooldown
 from .fitness import WeightAverage, check_fitness_metric, fitness_dataloader, is_paired, member_fitness
 from .genes import OPTIMIZER, build_gene, describe_expressions, is_custom
-from .genetics import (
-    Genome,
-    Search,
-    consensus,
-    initial_clan,
-    soloists,
-)
-from .history import (
-    latest_best,
-    write_history,
-)
+from .genetics import Genome, Search, consensus, initial_clan, soloists
+from .history import latest_best, write_history
 from .members import Sharing, local, member_grad_norm, member_layout, shard_member
 from .model_card import write_model_card
 from .rounds import RoundCallback, end_round, final_round, gather_fitness
