@@ -11,9 +11,12 @@ members at other rates costs it:
     python benchmarks/fixed_members.py --problem well_tuned --learning-rates 0.03,0.01,0.01,0.01
     python benchmarks/fixed_members.py --problem well_tuned --learning-rates 0.03,0.01,0.01,0.01 --solo-radius 0.1
     python benchmarks/fixed_members.py --problem well_tuned --learning-rates 0.03,0.03,0.01,0.01 --resync
+    python benchmarks/fixed_members.py --problem regress_clip --learning-rates 0.003,0.001,0.001,0.01 \
+        --start-at-oracle benchmarks/results/quick/results.json
 
 With `--resync` every member takes member 0's weights and optimizer state at each round's end, so each round's
-fitness measures one round of training from the same point: what a selection compares right after cloning.
+fitness measures one round of training from the same point: what a selection compares right after cloning. With
+`--start-at-oracle` the problem's other settings (e.g. regress_clip's clip) are the stored oracle's.
 
 The problems, budgets and data are `schedule_suite.py`'s (`--quick` budget unless `--full`; `--tiny` checks the
 script); the clan's genes are the learning rate alone. Writes DIR/clan_history.jsonl and DIR/result.json.
@@ -25,7 +28,7 @@ import argparse
 import json
 import os
 
-from schedule_suite import ALL_PROBLEMS, SUITES, Settings, _run, problem_settings
+from schedule_suite import ALL_PROBLEMS, SUITES, Settings, _run, problem_settings, start_at_oracle
 
 import clantune_hf
 from clantune_hf.rounds import copy_members, record_round
@@ -66,7 +69,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--resync", action="store_true", help="Members take member 0's weights and optimizer at each round's end."
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--start-at-oracle",
+        default=None,
+        metavar="RESULTS",
+        help="Start from the oracle's point this results.json holds for the problem (its other genes, e.g. the clip).",
+    )
     args = parser.parse_args(argv)
+    if args.start_at_oracle:
+        start_at_oracle(args.start_at_oracle, [args.problem], parser)
 
     rates = [float(r) for r in args.learning_rates.split(",")]
     out = args.out or os.path.join("bench_out", "fixed_members", args.problem)

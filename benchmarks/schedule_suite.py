@@ -1229,6 +1229,22 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(s) for s in text.split(",") if s.strip())
 
 
+def start_at_oracle(path: str, names: list[str], parser: argparse.ArgumentParser) -> None:
+    """Make each named problem start at the oracle's point stored in `path` (refused where the stored problem was
+    defined otherwise or has no oracle point). The runs fork from this process, so they see the new starts; so does
+    results.json, whose problem records then name another start and cannot serve as a --reference for the suite's."""
+    with open(path) as f:
+        stored = json.load(f)["problems"]
+    for name in names:
+        problem, held = ALL_PROBLEMS[name], stored.get(name, {})
+        point = (held.get("methods", {}).get("oracle") or {}).get("best_point")
+        if point is None or any(held.get(k) != v for k, v in definition(problem).items()):
+            parser.error(f"--start-at-oracle: {path} holds no oracle point for {name} as it is defined today.")
+        ALL_PROBLEMS[name] = dataclasses.replace(
+            problem, start={**problem.start, **point}, mis_set=f"{problem.mis_set}; started at the oracle's {point}"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Directory for results.json, table.md, the plots, every run.")
@@ -1268,6 +1284,14 @@ def main(argv: list[str] | None = None) -> dict:
         "measured against the same references without running them again. Its default and oracle must have run "
         "at this run's seeds. The problems --problems leaves out are kept from it as they are.",
     )
+    parser.add_argument(
+        "--start-at-oracle",
+        default=None,
+        metavar="RESULTS",
+        help="Start every problem at the oracle's point that this results.json holds for it (its best grid point, "
+        "over the problem's start): what each method costs where the start is already the best the grid knows, the "
+        "do-no-harm check on every problem. Runs default, clan, pbt and variants; no --reference.",
+    )
     args = parser.parse_args(argv)
 
     suite = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -1290,8 +1314,12 @@ def main(argv: list[str] | None = None) -> dict:
         if value < least:
             parser.error(f"--{field.replace('_', '-')} must be at least {least}, got {value}.")
         settings = dataclasses.replace(settings, **{field: value})
-    problems = [ALL_PROBLEMS[name] for name in names]
     methods = [m for m in METHODS if m in args.methods.split(",")]
+    if args.start_at_oracle:
+        if set(methods) - {"default", "clan", "pbt"} or args.reference:
+            parser.error("--start-at-oracle runs default, clan, pbt and variants only, without --reference.")
+        start_at_oracle(args.start_at_oracle, names, parser)
+    problems = [ALL_PROBLEMS[name] for name in names]
     reference, kept, kept_ray = {}, [], []
     if args.reference:
         with open(args.reference) as f:

@@ -355,6 +355,28 @@ def test_schedule_suite_runs_the_held_out_problems_apart(tmp_path):
     assert "ho_llama_lr_low" in (out / "table.md").read_text() and "lm_lr_low |" not in (out / "table.md").read_text()
 
 
+def test_schedule_suite_starts_at_the_stored_oracle_point(tmp_path):
+    """`--start-at-oracle RESULTS` runs each problem from the oracle's point RESULTS holds for it (over the problem's
+    start), records that start, and refuses a problem defined otherwise there, the oracle method and --reference."""
+    suite = load_suite()
+    stored = {"problems": {"lm_lr_low": {**suite.definition(suite.PROBLEMS["lm_lr_low"]),
+                                         "methods": {"oracle": {"best_point": {"learning_rate": 0.02}}}}}}  # fmt: skip
+    path = tmp_path / "stored.json"
+    path.write_text(json.dumps(stored))
+    out = tmp_path / "at_oracle"
+    run_script("schedule_suite.py", "--tiny", "--problems", "lm_lr_low", "--methods", "default", "--start-at-oracle",
+               str(path), "--out", str(out))  # fmt: skip
+    problem = json.loads((out / "results.json").read_text())["problems"]["lm_lr_low"]
+    assert problem["start"]["learning_rate"] == 0.02 and "started at the oracle's" in problem["mis_set"]
+    assert math.isclose(max(problem["methods"]["default"]["lr_schedule"]), 0.02, rel_tol=1e-6)
+
+    refused = ("--tiny", "--problems", "lm_lr_low", "--start-at-oracle", str(path), "--out", str(out))
+    assert "default, clan, pbt and variants only" in refusal("schedule_suite.py", *refused, "--methods", "oracle")
+    stored["problems"]["lm_lr_low"]["mis_set"] = "another problem"
+    path.write_text(json.dumps(stored))
+    assert "no oracle point for lm_lr_low" in refusal("schedule_suite.py", *refused, "--methods", "clan")
+
+
 def test_overhead_tiny(tmp_path):
     out = tmp_path / "overhead"
     stdout = run_script("overhead.py", "--tiny", "--repeats", "1", "--out", str(out))
