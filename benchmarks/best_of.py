@@ -22,11 +22,11 @@ import json
 import math
 import statistics
 
-from schedule_suite import GAP_BAR, gap_closed, harm
+from schedule_suite import GAP_BAR, gap_closed, harm, same_problem
 from seed_spread import _baseline
 
-# What makes two runs of a problem comparable: the problem as defined, and the clan's size and batch.
-PROBLEM_KEYS = ("mis_set", "start", "genes", "steps")
+# What makes two runs of a problem comparable besides the problem itself (`same_problem`, and the problem's own
+# budget): the clan's size, its batch and the suite's budget.
 SETTING_KEYS = ("num_processes", "per_device_batch", "steps")
 
 
@@ -42,7 +42,7 @@ def configurations(paths: list[str], reference: dict, seeds: list[str]) -> dict[
             continue
         for name, problem in results["problems"].items():
             ours = reference["problems"].get(name)
-            if ours is None or any(problem.get(key) != ours.get(key) for key in PROBLEM_KEYS):
+            if ours is None or not same_problem(problem, ours) or problem.get("steps") != ours.get("steps"):
                 continue
             entries = {m: problem.get("methods", {}).get(m) for m in ("clan", "pbt")} | problem.get("variants", {})
             for entry_name, entry in entries.items():

@@ -941,11 +941,18 @@ def run_problem(
     }
 
 
+DEFINITION_KEYS = ("mis_set", "metric", "greater_is_better", "do_no_harm", "start", "genes")
+
+
 def definition(problem: Problem) -> dict:
     """What results.json records of a problem's definition, as JSON reads it back: a stored problem whose record
     differs from today's was a different problem."""
-    keys = ("mis_set", "metric", "greater_is_better", "do_no_harm", "start", "genes")
-    return json.loads(json.dumps({key: getattr(problem, key) for key in keys}))
+    return json.loads(json.dumps({key: getattr(problem, key) for key in DEFINITION_KEYS}))
+
+
+def same_problem(record: dict, defined: dict) -> bool:
+    """Whether a stored problem record holds the problem `defined` defines (a `definition()`, or another record)."""
+    return all(record.get(key) == defined.get(key) for key in DEFINITION_KEYS)
 
 
 SCORED = ("fitness", "fitness_sd", "gap_closed", "gap_closed_sd", "harm", "harm_sd", "seeds", "per_seed")
@@ -1238,7 +1245,7 @@ def start_at_oracle(path: str, names: list[str], parser: argparse.ArgumentParser
     for name in names:
         problem, held = ALL_PROBLEMS[name], stored.get(name, {})
         point = (held.get("methods", {}).get("oracle") or {}).get("best_point")
-        if point is None or any(held.get(k) != v for k, v in definition(problem).items()):
+        if point is None or not same_problem(held, definition(problem)):
             parser.error(f"--start-at-oracle: {path} holds no oracle point for {name} as it is defined today.")
         ALL_PROBLEMS[name] = dataclasses.replace(
             problem, start={**problem.start, **point}, mis_set=f"{problem.mis_set}; started at the oracle's {point}"
@@ -1349,7 +1356,7 @@ def main(argv: list[str] | None = None) -> dict:
             # A problem whose definition changed since the reference ran keeps nothing from it.
             taken = [m for m in held.get("methods", {}) if m not in methods]
             taken += [v for v in held.get("variants", {}) if v not in variants]
-            if held and taken and any(held.get(k) != v for k, v in definition(ALL_PROBLEMS[name]).items()):
+            if held and taken and not same_problem(held, definition(ALL_PROBLEMS[name])):
                 parser.error(
                     f"--reference holds {name} as it was defined then ({held.get('mis_set')!r}); what ran on it "
                     f"cannot be scored against today's: add {', '.join(taken)} to --methods or --variants."

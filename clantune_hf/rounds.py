@@ -62,7 +62,7 @@ def ranks_only(trainer: ClanTrainer, step: int) -> bool:
 
 def end_round(trainer: ClanTrainer) -> None:
     """Fitness, selection, cloning and mutation, at the last step of every round but the final one."""
-    args, step = trainer.args, trainer.state.global_step
+    args, step, index = trainer.args, trainer.state.global_step, round_index(trainer)
     fitness = trainer._gather_fitness()
     if trainer.search.step_size_control == "success":
         trainer.genomes = adapt_scales(
@@ -75,7 +75,7 @@ def end_round(trainer: ClanTrainer) -> None:
         fitness,
         trainer.greater_is_better,
         args.selection_fraction,
-        make_rng(args.seed, "select", round_index(trainer)),
+        make_rng(args.seed, "select", index),
         batch_scores=batch_scores,
         confidence=args.selection_confidence,
         rank_only=rank_only,
@@ -90,7 +90,7 @@ def end_round(trainer: ClanTrainer) -> None:
         )
     record_round(trainer, fitness, plan | copies)
     copy_members(trainer, plan | copies)
-    children = reproduce(trainer.genomes, plan, args.seed, round_index(trainer), trainer.search)
+    children = reproduce(trainer.genomes, plan, args.seed, index, trainer.search)
     trainer.genomes = [copy_genome(trainer.genomes[copies[m]]) if m in copies else g for m, g in enumerate(children)]
     trainer._expressed_phase = None
     trainer._diverged = False
